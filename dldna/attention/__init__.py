@@ -1,0 +1,5 @@
+"""Attention mechanisms, one module per family; ``reference.attention`` is the oracle.
+
+Each module adds its public names here with one ``from .module import ...`` line.
+"""
+from dldna.attention.reference import attention, check_qkv, repeat_kv

@@ -1,0 +1,5 @@
+"""Models: shared layers, the AG News encoder, simple Mistral and Phi-3, MoE, and generation.
+
+Each module adds its public names here with one ``from .module import ...`` line.
+"""
+from dldna.models.layers import GatedMLP, GeGLU, RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, rotate_half

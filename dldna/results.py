@@ -1,0 +1,71 @@
+"""Stored full-size results: the numbers behind a chapter's GPU figures, with their provenance.
+
+Benchmarks and long runs call ``save_result(name, data, command)``; it writes ``results/<name>.json`` with the
+device, date, torch/triton versions and the command that produced it. Chapters call ``load_result(name)`` and
+print ``provenance(result)`` beside the figure, so every full-size number on the site says where it came from.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dldna.config import repo_root
+
+
+def results_dir() -> Path:
+    """``results/`` at the repository root (created on demand)."""
+    path = repo_root() / "results"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def device_name() -> str:
+    """Human-readable name of the device results are measured on (GPU name, else the CPU)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def save_result(name: str, data: Any, command: str, out_dir: Path | str | None = None) -> Path:
+    """Write ``data`` (JSON-serialisable) with provenance to ``<out_dir or results/>/<name>.json``."""
+    if not name or "/" in name:
+        raise ValueError(f"name must be a plain file stem, got {name!r}")
+    try:
+        import triton  # noqa: F401
+
+        triton_version = triton.__version__
+    except Exception:  # triton is optional (not installed on macOS/Windows or CPU-only setups)
+        triton_version = None
+    record = {
+        "name": name,
+        "device": device_name(),
+        "date": _dt.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "command": command,
+        "data": data,
+    }
+    path = Path(out_dir) if out_dir is not None else results_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    target = path / f"{name}.json"
+    target.write_text(json.dumps(record, indent=1) + "\n")
+    return target
+
+
+def load_result(name: str) -> dict:
+    """Read ``results/<name>.json`` (as written by ``save_result``); raises ``FileNotFoundError`` if absent."""
+    path = results_dir() / f"{name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no stored result {name!r} at {path}; run the command that produces it")
+    return json.loads(path.read_text())
+
+
+def provenance(record: dict) -> str:
+    """One line saying where a stored result came from: device, date, versions and command."""
+    versions = f"torch {record['torch']}" + (f", triton {record['triton']}" if record.get("triton") else "")
+    return f"Measured on {record['device']} on {record['date']} ({versions}) with `{record['command']}`"
