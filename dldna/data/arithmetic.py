@@ -1,0 +1,399 @@
+"""Arithmetic-expression data for the small decoder chapters: a safe evaluator, generators, a split, a tokenizer.
+
+The printed book labelled its generated expressions with ``eval()`` and measured accuracy on samples drawn from
+the training data. Here labels come from :func:`safe_eval` (an AST walker that accepts integer arithmetic and
+nothing else), and :func:`arithmetic_dataset` splits *distinct expression strings* into train / validation /
+test, so no test expression is ever seen in training.
+
+Text format of one example (the printed one): ``"12+7*3=33<eos>"``. With ``reverse_answer=True`` the answer's
+digits are written least-significant first (``"9*12=108<eos>"`` -> ``"9*12=801<eos>"``), the order in which
+carries are produced; a leading minus sign stays in front (``-123`` -> ``"-321"``).
+
+Typical use::
+
+    split = arithmetic_dataset("complex", n_train=20_000, n_val=1_000, n_test=1_000, seed=0)
+    tok = ArithmeticTokenizer()
+    train = ArithmeticDataset(split["train"], tok)        # tensors for a causal LM, labels -100 on prompt/pad
+    problem = split["test"][0]                              # Problem(expression='(3+41)*7', answer=308)
+    prompt = problem.prompt()                               # '(3+41)*7='
+
+Used in chapters 10 (Mistral) and 11 (Phi-3).
+"""
+from __future__ import annotations
+
+import ast
+import random
+from typing import NamedTuple, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+__all__ = [
+    "safe_eval",
+    "simple_expression",
+    "complex_expression",
+    "Problem",
+    "arithmetic_dataset",
+    "format_answer",
+    "parse_answer",
+    "ArithmeticTokenizer",
+    "ArithmeticDataset",
+    "pad_batch",
+]
+
+# ----------------------------------------------------------------------------------------------------------
+# Safe evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+MAX_EXPRESSION_CHARS = 1_000
+MAX_ABS_VALUE = 10**30  # bound on every literal and every intermediate result
+MAX_EXPONENT = 64
+_ALLOWED_CHARS = set("0123456789+-*/%() \t")
+
+
+def _check_size(value: int, expr: str) -> int:
+    if abs(value) > MAX_ABS_VALUE:
+        raise ValueError(f"expr {expr!r}: intermediate value exceeds {MAX_ABS_VALUE:.0e} in magnitude")
+    return value
+
+
+def _eval_node(node: ast.AST, expr: str) -> int:
+    if isinstance(node, ast.Constant):
+        # bool is a subclass of int: reject it explicitly (``True`` cannot appear anyway: letters are filtered).
+        if type(node.value) is not int:
+            raise ValueError(f"expr {expr!r}: only integer literals are allowed, got {node.value!r}")
+        return _check_size(node.value, expr)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _eval_node(node.operand, expr)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp):
+        left, right = _eval_node(node.left, expr), _eval_node(node.right, expr)
+        op = node.op
+        if isinstance(op, ast.Add):
+            return _check_size(left + right, expr)
+        if isinstance(op, ast.Sub):
+            return _check_size(left - right, expr)
+        if isinstance(op, ast.Mult):
+            return _check_size(left * right, expr)
+        if isinstance(op, (ast.FloorDiv, ast.Mod)):
+            if right == 0:
+                raise ValueError(f"expr {expr!r}: division by zero")
+            return left // right if isinstance(op, ast.FloorDiv) else left % right
+        if isinstance(op, ast.Pow):
+            if right < 0 or right > MAX_EXPONENT:
+                raise ValueError(f"expr {expr!r}: exponent must be in [0, {MAX_EXPONENT}], got {right}")
+            # |left|**right <= 2**(bits*right): refuse before computing anything huge.
+            if abs(left) > 1 and abs(left).bit_length() * right > MAX_ABS_VALUE.bit_length() + 1:
+                raise ValueError(f"expr {expr!r}: power too large")
+            return _check_size(left**right, expr)
+        raise ValueError(f"expr {expr!r}: operator {type(op).__name__} is not allowed (use + - * // % **)")
+    raise ValueError(f"expr {expr!r}: {type(node).__name__} is not allowed (integer arithmetic only)")
+
+
+def safe_eval(expr: str) -> int:
+    """Value of an integer arithmetic expression, without ``eval``.
+
+    Accepts integer literals, binary ``+ - * // % **``, unary ``-``/``+`` and parentheses (Python precedence).
+    Anything else raises ``ValueError``: names, calls, attributes, subscripts, floats, true division ``/``,
+    literals like ``0x10`` / ``1e3`` / ``1_000``, division by zero, exponents outside ``[0, 64]``, any value
+    above ``1e30`` in magnitude, and strings longer than 1,000 characters. ``TypeError`` if ``expr`` is not a str.
+
+    >>> safe_eval("(12+7)*3"), safe_eval("-4*-(2-9)")
+    (57, -28)
+    """
+    if not isinstance(expr, str):
+        raise TypeError(f"expr must be a str, got {type(expr).__name__}")
+    if len(expr) > MAX_EXPRESSION_CHARS:
+        raise ValueError(f"expr is longer than {MAX_EXPRESSION_CHARS} characters ({len(expr)})")
+    bad = sorted(set(expr) - _ALLOWED_CHARS)
+    if bad:
+        raise ValueError(f"expr {expr!r}: characters {''.join(bad)!r} are not allowed")
+    if not expr.strip():
+        raise ValueError("expr is empty")
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except (SyntaxError, RecursionError, MemoryError) as err:
+        raise ValueError(f"expr {expr!r} is not a valid expression: {err}") from None
+    try:
+        return _eval_node(tree.body, expr)
+    except RecursionError:
+        raise ValueError(f"expr {expr!r} is nested too deeply") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Expression generators
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_operands(min_operand: int, max_operand: int, operators: str) -> None:
+    if not isinstance(max_operand, int) or not isinstance(min_operand, int):
+        raise TypeError("min_operand and max_operand must be ints")
+    if min_operand < 0 or max_operand < min_operand:
+        raise ValueError(f"need 0 <= min_operand <= max_operand, got min_operand={min_operand}, max_operand={max_operand}")
+    if not operators or set(operators) - set("+-*"):
+        raise ValueError(f"operators must be a non-empty subset of '+-*', got {operators!r}")
+
+
+def simple_expression(rng: random.Random, max_operand: int = 20, min_operand: int = 0, operators: str = "+-*") -> str:
+    """One two-operand expression ``"a op b"`` with ``a, b`` uniform in ``[min_operand, max_operand]``."""
+    _check_operands(min_operand, max_operand, operators)
+    a, b = rng.randint(min_operand, max_operand), rng.randint(min_operand, max_operand)
+    return f"{a}{rng.choice(operators)}{b}"
+
+
+def complex_expression(
+    rng: random.Random,
+    max_operand: int = 50,
+    min_operand: int = 0,
+    operators: str = "+-*",
+    p_two_operators: float = 0.8,
+) -> str:
+    """One expression with one or two operators and optional parentheses, as in the printed example.
+
+    With probability ``p_two_operators``: ``a op b op c``, ``(a op b) op c`` or ``a op (b op c)`` (each 1/3);
+    otherwise ``a op b``. Operands are uniform in ``[min_operand, max_operand]``; operators from ``operators``.
+    """
+    _check_operands(min_operand, max_operand, operators)
+    if not 0.0 <= p_two_operators <= 1.0:
+        raise ValueError(f"p_two_operators must be in [0, 1], got {p_two_operators}")
+    num = lambda: rng.randint(min_operand, max_operand)  # noqa: E731
+    if rng.random() >= p_two_operators:
+        return f"{num()}{rng.choice(operators)}{num()}"
+    a, b, c = num(), num(), num()
+    op1, op2 = rng.choice(operators), rng.choice(operators)
+    pattern = rng.randrange(3)
+    if pattern == 0:
+        return f"{a}{op1}{b}{op2}{c}"
+    if pattern == 1:
+        return f"({a}{op1}{b}){op2}{c}"
+    return f"{a}{op1}({b}{op2}{c})"
+
+
+class Problem(NamedTuple):
+    """One arithmetic problem: the expression string and its value (from :func:`safe_eval`)."""
+
+    expression: str
+    answer: int
+
+    def prompt(self) -> str:
+        """What the model sees before answering: ``"expression="``."""
+        return f"{self.expression}="
+
+    def text(self, reverse_answer: bool = False, eos: str = "<eos>") -> str:
+        """Full training text ``"expression=answer<eos>"`` (answer digits reversed if ``reverse_answer``)."""
+        return f"{self.expression}={format_answer(self.answer, reverse_answer)}{eos}"
+
+
+_GENERATORS = {"simple": simple_expression, "complex": complex_expression}
+
+
+def arithmetic_dataset(
+    kind: str = "complex",
+    n_train: int = 20_000,
+    n_val: int = 1_000,
+    n_test: int = 1_000,
+    seed: int = 0,
+    **generator_kwargs,
+) -> dict[str, list[Problem]]:
+    """Train / validation / test problems that share no expression string.
+
+    ``kind`` is ``"simple"`` (:func:`simple_expression`, operands up to 20 by default) or ``"complex"``
+    (:func:`complex_expression`, operands up to 50, one or two operators); ``generator_kwargs`` go to the
+    generator (``max_operand``, ``min_operand``, ``operators``, ``p_two_operators``). Distinct expressions are
+    drawn with a seeded ``random.Random(seed)`` until ``n_train + n_val + n_test`` are collected, then dealt
+    out in draw order, so the three lists are disjoint as strings. Raises ``ValueError`` when the generator
+    cannot produce that many distinct expressions (e.g. 5,000 simple expressions with operands up to 20:
+    only 21*21*3 = 1,323 exist). Returns ``{"train": [...], "val": [...], "test": [...]}`` of :class:`Problem`.
+    """
+    if kind not in _GENERATORS:
+        raise ValueError(f"kind must be one of {sorted(_GENERATORS)}, got {kind!r}")
+    for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+    generate = _GENERATORS[kind]
+    rng = random.Random(seed)
+    total = n_train + n_val + n_test
+    seen: dict[str, None] = {}  # insertion-ordered set
+    attempts, max_attempts = 0, 50 * total + 20_000
+    while len(seen) < total:
+        if attempts >= max_attempts:
+            raise ValueError(
+                f"could only draw {len(seen)} distinct {kind} expressions out of the {total} requested "
+                f"with {generator_kwargs or 'default settings'}; lower the sizes or raise max_operand"
+            )
+        attempts += 1
+        seen.setdefault(generate(rng, **generator_kwargs))
+    problems = [Problem(expr, safe_eval(expr)) for expr in seen]
+    return {
+        "train": problems[:n_train],
+        "val": problems[n_train : n_train + n_val],
+        "test": problems[n_train + n_val :],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Answer formatting
+# ----------------------------------------------------------------------------------------------------------
+
+
+def format_answer(value: int, reverse: bool = False) -> str:
+    """``str(value)``, or with ``reverse`` its digits least-significant first, sign kept in front (-123 -> "-321")."""
+    text = str(int(value))
+    if not reverse:
+        return text
+    sign, digits = ("-", text[1:]) if text.startswith("-") else ("", text)
+    return sign + digits[::-1]
+
+
+def parse_answer(text: str, reverse: bool = False) -> int | None:
+    """Inverse of :func:`format_answer`; ``None`` if ``text`` is not a well-formed (possibly reversed) integer."""
+    text = text.strip()
+    sign, digits = ("-", text[1:]) if text.startswith("-") else ("", text)
+    if not digits or not digits.isdigit() or not digits.isascii():
+        return None
+    if reverse:
+        digits = digits[::-1]
+    # A model may emit non-canonical forms ("007"); accept only canonical numbers so exact match stays exact.
+    if len(digits) > 1 and digits[0] == "0":
+        return None
+    if sign and digits == "0":
+        return None
+    return int(sign + digits)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer and tensors
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ArithmeticTokenizer:
+    """Character tokenizer for arithmetic text, with ``<pad>`` and ``<eos>`` as single tokens.
+
+    The vocabulary order is the printed book's: digits ``0-9`` -> ids 0-9, ``+ - * =`` -> 10-13,
+    ``<pad>`` -> 14, ``<eos>`` -> 15, ``( )`` -> 16, 17 (18 tokens). ``extra_chars`` appends more characters
+    (e.g. ``" "`` or ``"/"``) after those.
+    """
+
+    BASE_TOKENS = tuple("0123456789") + ("+", "-", "*", "=", "<pad>", "<eos>", "(", ")")
+    SPECIAL_TOKENS = ("<pad>", "<eos>")
+
+    def __init__(self, extra_chars: str = ""):
+        tokens = list(self.BASE_TOKENS)
+        for ch in extra_chars:
+            if ch in tokens or ch in "<>":
+                raise ValueError(f"extra_chars: {ch!r} is already in the vocabulary or reserved")
+            tokens.append(ch)
+        self.id_to_token: list[str] = tokens
+        self.vocab: dict[str, int] = {tok: i for i, tok in enumerate(tokens)}
+        self.pad_id = self.vocab["<pad>"]
+        self.eos_id = self.vocab["<eos>"]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.id_to_token)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def tokenize(self, text: str) -> list[str]:
+        """Characters, except that ``<pad>`` and ``<eos>`` are one token each. ``ValueError`` on unknown chars."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        tokens, i = [], 0
+        while i < len(text):
+            for special in self.SPECIAL_TOKENS:
+                if text.startswith(special, i):
+                    tokens.append(special)
+                    i += len(special)
+                    break
+            else:
+                if text[i] not in self.vocab:
+                    raise ValueError(f"text {text!r}: character {text[i]!r} is not in the vocabulary")
+                tokens.append(text[i])
+                i += 1
+        return tokens
+
+    def encode(self, text: str, add_eos: bool = False) -> list[int]:
+        """Token ids of ``text`` (plus ``eos_id`` if ``add_eos``)."""
+        ids = [self.vocab[t] for t in self.tokenize(text)]
+        return ids + [self.eos_id] if add_eos else ids
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, stop_at_eos: bool = True, skip_pad: bool = True) -> str:
+        """Text of ``ids``; stops at the first ``<eos>`` (not included) if ``stop_at_eos``; drops ``<pad>``."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        out = []
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"ids: {i} is outside the vocabulary [0, {self.vocab_size})")
+            if i == self.eos_id and stop_at_eos:
+                break
+            if i == self.pad_id and skip_pad:
+                continue
+            out.append(self.id_to_token[i])
+        return "".join(out)
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "right", length: int | None = None):
+    """Stack id lists into ``input_ids`` and ``attention_mask`` ``(B, L)`` (long), padded on ``side``.
+
+    ``side="left"`` is what batched generation needs (every prompt ends at the last column).
+    ``length`` defaults to the longest sequence; longer sequences raise ``ValueError``.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if not sequences:
+        raise ValueError("sequences is empty")
+    longest = max(len(s) for s in sequences)
+    length = longest if length is None else length
+    if longest > length:
+        raise ValueError(f"length={length} is shorter than the longest sequence ({longest})")
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        n = len(seq)
+        cols = slice(0, n) if side == "right" else slice(length - n, length)
+        ids[row, cols] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
+
+
+class ArithmeticDataset(Dataset):
+    """Causal-LM tensors for a list of :class:`Problem`: ``input_ids``, ``attention_mask``, ``labels``, each ``(L,)``.
+
+    Each row is ``prompt + answer + <eos>``, right-padded with ``<pad>`` to ``max_length`` (default: the
+    longest example). ``labels`` equal ``input_ids`` (the model shifts them, as in HF) with ``-100`` on
+    padding, and also on the prompt when ``answer_only_loss`` (the default), so the loss measures only the
+    answer; ``<eos>`` is always a target, so the model learns where to stop.
+    """
+
+    def __init__(
+        self,
+        problems: Sequence[Problem],
+        tokenizer: ArithmeticTokenizer,
+        max_length: int | None = None,
+        reverse_answer: bool = False,
+        answer_only_loss: bool = True,
+    ):
+        if len(problems) == 0:
+            raise ValueError("problems is empty")
+        self.problems = list(problems)
+        self.tokenizer = tokenizer
+        self.reverse_answer = reverse_answer
+        prompts = [tokenizer.encode(p.prompt()) for p in self.problems]
+        full = [tokenizer.encode(p.text(reverse_answer)) for p in self.problems]
+        longest = max(len(f) for f in full)
+        self.max_length = longest if max_length is None else max_length
+        if longest > self.max_length:
+            raise ValueError(f"max_length={max_length} is shorter than the longest example ({longest} tokens)")
+        self.input_ids, self.attention_mask = pad_batch(full, tokenizer.pad_id, "right", self.max_length)
+        self.labels = self.input_ids.masked_fill(self.attention_mask == 0, -100)
+        if answer_only_loss:
+            for row, prompt in enumerate(prompts):
+                self.labels[row, : len(prompt)] = -100
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx], "labels": self.labels[idx]}
