@@ -200,8 +200,8 @@ def arithmetic_dataset(
     ``kind`` is ``"simple"`` (:func:`simple_expression`, operands up to 20 by default) or ``"complex"``
     (:func:`complex_expression`, operands up to 50, one or two operators); ``generator_kwargs`` go to the
     generator (``max_operand``, ``min_operand``, ``operators``, ``p_two_operators``). Distinct expressions are
-    drawn with a seeded ``random.Random(seed)`` until ``n_train + n_val + n_test`` are collected, then dealt
-    out in draw order, so the three lists are disjoint as strings. Raises ``ValueError`` when the generator
+    drawn with a seeded ``random.Random(seed)`` until ``n_train + n_val + n_test`` are collected, shuffled, then
+    dealt out, so the three lists are disjoint as strings and identically distributed. Raises ``ValueError`` when the generator
     cannot produce that many distinct expressions (e.g. 5,000 simple expressions with operands up to 20:
     only 21*21*3 = 1,323 exist). Returns ``{"train": [...], "val": [...], "test": [...]}`` of :class:`Problem`.
     """
@@ -223,7 +223,11 @@ def arithmetic_dataset(
             )
         attempts += 1
         seen.setdefault(generate(rng, **generator_kwargs))
-    problems = [Problem(expr, safe_eval(expr)) for expr in seen]
+    expressions = list(seen)
+    # Shuffle before dealing: when a sub-space saturates (only 7,803 one-operator expressions exist with
+    # operands up to 50) late draws are biased towards the rest, and every split must see the same mix.
+    rng.shuffle(expressions)
+    problems = [Problem(expr, safe_eval(expr)) for expr in expressions]
     return {
         "train": problems[:n_train],
         "val": problems[n_train : n_train + n_val],
