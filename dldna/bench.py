@@ -6,6 +6,7 @@ call (``tracemalloc`` on CPU, the CUDA caching allocator's ``max_memory_allocate
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from typing import Callable, Sequence
@@ -67,6 +68,7 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu")
         return (peak - base) / MB
     from torch.profiler import ProfilerActivity, profile
 
+    os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # Kineto otherwise logs two lines to stderr per profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     del out
@@ -86,3 +88,90 @@ def fit_loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
         raise ValueError("xs and ys must be positive for a log-log fit")
     slope, _ = np.polyfit(np.log(x), np.log(y), 1)
     return float(slope)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+ATTENTION_IMPLS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "sdpa": _sdpa,
+}
+
+
+def attention_impl(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Attention implementations measured in chapter 1: ``"naive"`` (textbook, O(N^2) memory) or
+    ``"sdpa"`` (``torch.nn.functional.scaled_dot_product_attention``, a fused kernel where one exists)."""
+    from dldna.attention.reference import naive_attention
+
+    impls = {"naive": naive_attention, **ATTENTION_IMPLS}
+    if name not in impls:
+        raise ValueError(f"impl must be one of {sorted(impls)}, got {name!r}")
+    return impls[name]
+
+
+def measure_attention_scaling(
+    seq_lengths: Sequence[int],
+    impl: str = "naive",
+    batch: int = 1,
+    heads: int = 8,
+    head_dim: int = 64,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    repeats: int = 3,
+    progress: bool = False,
+) -> list[dict]:
+    """Measure time and peak memory of one attention call for each sequence length.
+
+    Returns one dict per length: ``seq_len``, ``seconds`` (median), ``peak_mb`` (peak allocated during the call,
+    inputs excluded), ``scores_mb`` (size of one ``(B, H, N, N)`` score matrix, the theoretical O(N^2) term) and
+    ``status`` (``"ok"`` or ``"out of memory"``; OOM rows carry NaN numbers).
+    """
+    if not seq_lengths or any(int(n) <= 0 for n in seq_lengths):
+        raise ValueError(f"seq_lengths must be a non-empty list of positive ints, got {seq_lengths!r}")
+    for name, value in (("batch", batch), ("heads", heads), ("head_dim", head_dim), ("repeats", repeats)):
+        if int(value) <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    fn = attention_impl(impl)
+    dev = torch.device(device)
+    element = torch.empty((), dtype=dtype).element_size()
+    rows = []
+    lengths = list(seq_lengths)
+    if progress:
+        from tqdm.auto import tqdm
+
+        lengths = tqdm(lengths, desc=f"{impl} attention")
+    for n in lengths:
+        n = int(n)
+        row = {"seq_len": n, "scores_mb": batch * heads * n * n * element / MB}
+        try:
+            gen = torch.Generator(device=dev).manual_seed(n)
+            q, k, v = (torch.randn(batch, heads, n, head_dim, device=dev, dtype=dtype, generator=gen) for _ in range(3))
+            row["peak_mb"] = peak_memory_mb(lambda: fn(q, k, v), device=dev)
+            row["seconds"] = time_fn(lambda: fn(q, k, v), warmup=1, repeats=repeats, device=dev)
+            row["status"] = "ok"
+        except torch.OutOfMemoryError:
+            row.update(peak_mb=float("nan"), seconds=float("nan"), status="out of memory")
+        finally:
+            q = k = v = None
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
+def growth_table(rows: Sequence[dict], exponent: float = 2.0) -> list[dict]:
+    """Measured growth of time and memory relative to the first row, beside the theoretical ``(N/N0)^exponent``."""
+    ok = [r for r in rows if r.get("status", "ok") == "ok"]
+    if not ok:
+        raise ValueError("rows holds no successful measurement")
+    base = ok[0]
+    return [
+        {
+            "seq_len": r["seq_len"],
+            "theory": (r["seq_len"] / base["seq_len"]) ** exponent,
+            "memory": r["peak_mb"] / base["peak_mb"],
+            "time": r["seconds"] / base["seconds"],
+        }
+        for r in ok
+    ]

@@ -2,4 +2,4 @@
 
 Each module adds its public names here with one ``from .module import ...`` line.
 """
-from dldna.attention.reference import attention, check_qkv, repeat_kv
+from dldna.attention.reference import attention, check_qkv, naive_attention, repeat_kv

@@ -41,6 +41,17 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d)
 
 
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Textbook attention in three lines, ``softmax(q k^T / sqrt(d)) v``; no masks, no checks.
+
+    It materialises the ``(B, H, N, N)`` score and probability matrices: the O(N^2) memory that chapter 1
+    measures. Same result as ``attention(q, k, v)``.
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    probs = torch.softmax(scores, dim=-1)
+    return probs @ v
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
