@@ -3,3 +3,6 @@
 Each module adds its public names here with one ``from .module import ...`` line.
 """
 from dldna.models.layers import GatedMLP, GeGLU, RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, rotate_half
+from dldna.models.cache import KVCache
+from dldna.models.generation import CausalLMOutput, generate
+from dldna.models.mistral import MistralConfig, MistralForCausalLM, MistralModel
