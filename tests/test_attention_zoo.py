@@ -1,0 +1,199 @@
+"""Tests for the attention zoo (chapters 2-4): masks, sliding-window, block-sparse, Linformer, FAVOR+, LSH.
+
+Every fast or sparse method is checked against ``dldna.attention.attention`` (the dense oracle) with the
+materialised mask, in float64, on random inputs with odd lengths and several batch/head counts.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dldna.attention import attention
+from dldna.attention import masks as M
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def qkv(b, h, n, d, seed, hkv=None, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    hkv = h if hkv is None else hkv
+    q = torch.randn(b, h, n, d, generator=gen, dtype=dtype)
+    k = torch.randn(b, hkv, n, d, generator=gen, dtype=dtype)
+    v = torch.randn(b, hkv, n, d, generator=gen, dtype=dtype)
+    return q, k, v
+
+
+def brute(n, rule):
+    """Dense mask from a plain Python rule ``rule(i, j) -> bool``: the definitions as the papers write them."""
+    return torch.tensor([[bool(rule(i, j)) for j in range(n)] for i in range(n)])
+
+
+# ------------------------------------------------------------------------------------------------ masks
+@SETTINGS
+@given(n=st.integers(1, 40), window=st.integers(1, 45), causal=st.booleans())
+def test_sliding_window_convention(n, window, causal):
+    if causal:
+        expected = brute(n, lambda i, j: 0 <= i - j < window)
+    else:
+        expected = brute(n, lambda i, j: abs(i - j) <= window // 2)
+    assert torch.equal(M.sliding_window_mask(n, window, causal), expected)
+
+
+def test_sliding_window_counts_self_hf_convention():
+    # window=4 keys including the query itself: row 10 sees 7, 8, 9, 10 (the Mistral / HF convention)
+    row = M.sliding_window_mask(16, 4)[10]
+    assert row.nonzero().flatten().tolist() == [7, 8, 9, 10]
+    assert torch.equal(M.causal_mask(5), torch.ones(5, 5, dtype=torch.bool).tril())
+
+
+@SETTINGS
+@given(n=st.integers(1, 40), window=st.integers(1, 9), dilation=st.integers(1, 5), causal=st.booleans())
+def test_dilated_mask(n, window, dilation, causal):
+    if causal:
+        rule = lambda i, j: (i - j) % dilation == 0 and 0 <= (i - j) // dilation < window  # noqa: E731
+    else:
+        rule = lambda i, j: (i - j) % dilation == 0 and abs(i - j) // dilation <= window // 2  # noqa: E731
+    got = M.dilated_mask(n, window, dilation, causal)
+    assert torch.equal(got, brute(n, rule))
+    assert int(got.sum(1).max()) <= (window if causal else 2 * (window // 2) + 1)
+    if dilation == 1:
+        assert torch.equal(got, M.sliding_window_mask(n, window, causal))
+
+
+def test_segment_dilated_mask():
+    got = M.segment_dilated_mask(8, segment=4, dilation=2, offset=1)
+    expected = brute(8, lambda i, j: i // 4 == j // 4 and i % 4 % 2 == 1 and j % 4 % 2 == 1)
+    assert torch.equal(got, expected)
+    assert torch.equal(M.segment_dilated_mask(8, 4, 1, causal=True), brute(8, lambda i, j: i // 4 == j // 4 and j <= i))
+
+
+@SETTINGS
+@given(n=st.integers(1, 40), stride=st.integers(1, 9))
+def test_strided_mask(n, stride):
+    rule = lambda i, j: j <= i and (i - j < stride or (i - j) % stride == 0)  # noqa: E731
+    assert torch.equal(M.strided_mask(n, stride), brute(n, rule))
+
+
+@SETTINGS
+@given(n=st.integers(1, 40), stride=st.integers(1, 9), data=st.data())
+def test_fixed_mask(n, stride, data):
+    c = data.draw(st.integers(1, stride))
+    rule = lambda i, j: j <= i and (j // stride == i // stride or j % stride >= stride - c)  # noqa: E731
+    assert torch.equal(M.fixed_mask(n, stride, c), brute(n, rule))
+
+
+@SETTINGS
+@given(n=st.integers(1, 40), window=st.integers(0, 8), data=st.data())
+def test_longformer_mask_symmetric_global(n, window, data):
+    glob = data.draw(st.lists(st.integers(0, n - 1), max_size=3))
+    got = M.longformer_mask(n, window, glob)
+    assert torch.equal(got, brute(n, lambda i, j: abs(i - j) <= window or i in glob or j in glob))
+    assert torch.equal(got, got.T)
+
+
+@SETTINGS
+@given(n_blocks=st.integers(1, 12), block_size=st.integers(1, 5), seed=st.integers(0, 10**6))
+def test_block_sparse_mask_expands_layout(n_blocks, block_size, seed):
+    gen = torch.Generator().manual_seed(seed)
+    layout = torch.rand(n_blocks, n_blocks, generator=gen) < 0.4
+    n = n_blocks * block_size
+    got = M.block_sparse_mask(n, block_size, layout)
+    assert torch.equal(got, brute(n, lambda i, j: bool(layout[i // block_size, j // block_size])))
+    assert torch.equal(M.block_layout_from_mask(got, block_size), layout)
+
+
+@SETTINGS
+@given(n_blocks=st.integers(1, 16), w=st.sampled_from([1, 3, 5]), g=st.integers(0, 2), r=st.integers(0, 3),
+       seed=st.integers(0, 1000))
+def test_bigbird_layout(n_blocks, w, g, r, seed):
+    g = min(g, n_blocks)
+    layout = M.bigbird_block_layout(n_blocks, w, g, r, seed)
+    window = M.sliding_window_mask(n_blocks, w, causal=False)
+    assert (layout | ~window).all(), "window blocks kept"
+    assert layout[:g].all() and layout[:, :g].all(), "global rows and columns kept"
+    for row in range(g, n_blocks):
+        base = int((window[row] | (torch.arange(n_blocks) < g)).sum())
+        assert int(layout[row].sum()) == min(n_blocks, base + r), "exactly r random blocks where room allows"
+    assert torch.equal(layout, M.bigbird_block_layout(n_blocks, w, g, r, seed)), "seeded"
+    mask = M.bigbird_mask(n_blocks * 2, 2, w, g, r, seed)
+    assert torch.equal(mask, M.block_sparse_mask(n_blocks * 2, 2, layout))
+
+
+def test_block_layouts_are_the_token_patterns_on_blocks():
+    assert torch.equal(M.strided_block_layout(9, 3), M.strided_mask(9, 3))
+    assert torch.equal(M.fixed_block_layout(9, 3, 1), M.fixed_mask(9, 3, 1))
+    assert torch.equal(M.longformer_block_layout(9, 1, [0]), M.longformer_mask(9, 1, [0]))
+    assert torch.equal(M.sliding_window_block_layout(9, 2), M.sliding_window_mask(9, 2))
+    # a covering layout of a token mask keeps exactly the tiles that hold an allowed pair
+    tok = M.sliding_window_mask(10, 3)
+    cover = M.block_layout_from_mask(tok, 4)  # 10 is not a multiple of 4: tail tile included
+    assert cover.shape == (3, 3)
+    assert torch.equal(cover, torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.bool))
+
+
+def test_mask_mod_composition_and_materialize():
+    causal, window = M.make_causal(), M.make_sliding_window(5, causal=False)
+    both = M.materialize(M.and_masks(causal, window), 11)
+    assert torch.equal(both, M.causal_mask(11) & M.sliding_window_mask(11, 5, causal=False))
+    either = M.materialize(M.or_masks(causal, window), 11)
+    assert torch.equal(either, M.causal_mask(11) | M.sliding_window_mask(11, 5, causal=False))
+    rect = M.materialize(causal, 3, 7)
+    assert rect.shape == (3, 7) and rect.sum() == 6
+
+
+def test_receptive_field_grows_with_layers():
+    mask = M.sliding_window_mask(32, 4)
+    widths = [int(M.receptive_field(mask, layers)[31].sum()) for layers in range(4)]
+    assert widths == [1, 4, 7, 10], widths  # each causal window-4 layer adds window - 1 positions
+    strided = M.strided_mask(64, 8)
+    assert int(M.receptive_field(strided, 2)[63].sum()) == 64  # two strided layers reach every earlier token
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: M.sliding_window_mask(8, 0), "window"),
+        (lambda: M.sliding_window_mask(0, 2), "n"),
+        (lambda: M.dilated_mask(8, 2, 0), "dilation"),
+        (lambda: M.block_sparse_mask(10, 4, torch.ones(2, 2, dtype=torch.bool)), "block_size"),
+        (lambda: M.block_sparse_mask(8, 4, torch.ones(3, 3, dtype=torch.bool)), "layout"),
+        (lambda: M.block_sparse_mask(8, 4, torch.ones(2, 2)), "layout"),
+        (lambda: M.fixed_mask(8, 2, 3), "c"),
+        (lambda: M.longformer_mask(8, 1, [8]), "global_tokens"),
+        (lambda: M.longformer_mask(8, -1, [0]), "window"),
+        (lambda: M.bigbird_block_layout(8, 2), "window_blocks"),
+        (lambda: M.bigbird_mask(10, 4), "block_size"),
+    ],
+)
+def test_mask_argument_errors_name_the_argument(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+def test_masks_drive_the_dense_reference():
+    q, k, v = qkv(2, 3, 13, 5, seed=1)
+    mask = M.longformer_mask(13, 2, [0, 7])
+    out = attention(q, k, v, mask=mask)
+    ref = torch.empty_like(out)
+    for i in range(13):  # row by row softmax over the allowed keys only
+        keys = mask[i].nonzero().flatten()
+        w = torch.softmax(q[:, :, i : i + 1] @ k[:, :, keys].transpose(-2, -1) / math.sqrt(5), dim=-1)
+        ref[:, :, i : i + 1] = w @ v[:, :, keys]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_mask_mods_work_with_flex_attention_block_masks():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    n, bs = 64, 16
+    for mod, dense in [
+        (M.make_longformer(n, 3, [0, 40]), M.longformer_mask(n, 3, [0, 40])),
+        (M.make_dilated(4, 3), M.dilated_mask(n, 4, 3)),
+        (M.make_strided(8), M.strided_mask(n, 8)),
+    ]:
+        block_mask = flex.create_block_mask(mod, None, None, n, n, device="cpu", BLOCK_SIZE=bs)
+        kept = block_mask.to_dense()[0, 0].bool()
+        assert torch.equal(kept, M.block_layout_from_mask(dense, bs))
