@@ -6,3 +6,4 @@ from dldna.models.layers import GatedMLP, GeGLU, RMSNorm, RotaryEmbedding, SwiGL
 from dldna.models.cache import KVCache
 from dldna.models.generation import CausalLMOutput, generate
 from dldna.models.mistral import MistralConfig, MistralForCausalLM, MistralModel
+from dldna.models.phi3 import Phi3Config, Phi3ForCausalLM, Phi3Model, Phi3Output
