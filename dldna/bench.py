@@ -51,8 +51,10 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu")
 
     CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: PyTorch's CPU allocator does not
     go through Python's allocator (``tracemalloc`` sees nothing), so we replay the allocator's own events as
-    recorded by ``torch.profiler(profile_memory=True)``: each op's self allocation and each free, in time
-    order; the running maximum is the peak.
+    recorded by ``torch.profiler(profile_memory=True)``: every allocation and free with its own timestamp, in
+    time order; the running maximum is the peak. (Summing each op's *self* memory at the op's start time is
+    wrong inside an autograd Function or ``record_function`` scope: frees made there are charged to the scope's
+    start, which can drive the running sum far below zero.)
     """
     dev = torch.device(device)
     gc.collect()
@@ -72,9 +74,20 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     del out
+    try:
+        from torch._C._profiler import _EventType
+
+        allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            event = stack.pop()
+            stack.extend(event.children)
+            if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+                allocations.append((event.start_time_ns, event.extra_fields.alloc_size))
+    except (ImportError, AttributeError):  # private API moved: fall back to per-op self memory
+        allocations = [(e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()]
     running = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        running += event.self_cpu_memory_usage
+    for _, size in sorted(allocations, key=lambda a: a[0]):
+        running += size
         peak = max(peak, running)
     return peak / MB
 
