@@ -135,3 +135,41 @@ def test_pad_batch_left_and_right():
     assert ids.tolist() == [[1, 2, 3, 9], [4, 9, 9, 9]] and mask.dtype == torch.long
     with pytest.raises(ValueError):
         pad_batch([[1, 2, 3]], pad_id=0, length=2)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_vectorised_sampler_agrees_with_safe_eval_and_keys(reverse):
+    from dldna.data.arithmetic import expression_key, sample_problem_tensors
+
+    tok = ArithmeticTokenizer()
+    out = sample_problem_tensors(3000, tok, torch.Generator().manual_seed(0), reverse_answer=reverse)
+    texts = [tok.decode(row) for row in out["input_ids"]]
+    n_ops, parens = set(), set()
+    for text, key, value, labels, ids in zip(texts, out["keys"], out["values"], out["labels"], out["input_ids"]):
+        expr, answer = text.split("=")
+        assert safe_eval(expr) == int(value) == parse_answer(answer, reverse)
+        assert expression_key(expr) == int(key)
+        # labels: exactly the answer tokens and <eos>
+        target = ids[labels != -100].tolist()
+        assert target == tok.encode(format_answer(int(value), reverse)) + [tok.eos_id]
+        n_ops.add(sum(ch in "+-*" for ch in expr.lstrip("-")))
+        parens.add(expr.index("(") if "(" in expr else -1)
+    assert n_ops == {1, 2} and len(parens) >= 3
+    # the same (expression-level) distribution as complex_expression: about 80 % two-operator expressions
+    two = sum(sum(ch in "+-*" for ch in t.split("=")[0]) == 2 for t in texts) / len(texts)
+    assert 0.76 < two < 0.84
+
+
+def test_vectorised_sampler_excludes_held_out_keys():
+    from dldna.data.arithmetic import expression_key, sample_problem_tensors
+
+    tok = ArithmeticTokenizer()
+    # operands 0..3, one operator: only 4*4*3 = 48 expressions exist; exclude 40 of them
+    every = sorted({simple_expression(random.Random(i), max_operand=3) for i in range(2000)})
+    assert len(every) == 48
+    held_out = torch.tensor([expression_key(e, max_operand=3) for e in every[:40]])
+    out = sample_problem_tensors(2000, tok, torch.Generator().manual_seed(1), max_operand=3, p_two_operators=0.0,
+                                 exclude_keys=held_out)
+    seen = {tok.decode(row).split("=")[0] for row in out["input_ids"]}
+    assert seen == set(every[40:])
+    assert 2000 * 8 / 48 * 0.8 < len(out["keys"]) < 2000 * 8 / 48 * 1.2

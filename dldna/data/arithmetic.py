@@ -39,6 +39,8 @@ __all__ = [
     "ArithmeticTokenizer",
     "ArithmeticDataset",
     "pad_batch",
+    "expression_key",
+    "sample_problem_tensors",
 ]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -401,3 +403,129 @@ class ArithmeticDataset(Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx], "labels": self.labels[idx]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vectorised sampling (GPU-friendly), for training streams of fresh expressions
+# ----------------------------------------------------------------------------------------------------------
+
+_OPERATOR_CODES = {"+": 0, "-": 1, "*": 2}
+_HOLE = -1
+
+
+def expression_key(expression: str, max_operand: int = 50) -> int:
+    """A unique integer for a :func:`complex_expression` / :func:`simple_expression` string (its structure).
+
+    The key encodes (number of operators, parenthesis pattern, operands, operators), so two expressions share a
+    key iff they are the same string. :func:`sample_problem_tensors` returns the same keys for what it draws,
+    which is how a training stream leaves out every validation and test expression.
+    """
+    import re
+
+    tokens = re.findall(r"\d+|[-+*()]", expression)
+    if "".join(tokens) != expression.replace(" ", ""):
+        raise ValueError(f"expression {expression!r} is not a generated arithmetic expression")
+    pattern = 1 if tokens[0] == "(" else (2 if "(" in tokens else 0)
+    nums = [int(t) for t in tokens if t.isdigit()]
+    ops = [_OPERATOR_CODES[t] for t in tokens if t in _OPERATOR_CODES]
+    if len(nums) not in (2, 3) or len(ops) != len(nums) - 1 or max(nums) > max_operand:
+        raise ValueError(f"expression {expression!r} has an unexpected shape for max_operand={max_operand}")
+    if len(nums) == 2:
+        nums, ops, pattern, two = nums + [0], ops + [0], 0, 0
+    else:
+        two = 1
+    return _key(two, pattern, *nums, *ops, max_operand + 1)
+
+
+def _key(two, pattern, a, b, c, op1, op2, m):
+    return (((((two * 3 + pattern) * m + a) * m + b) * m + c) * 3 + op1) * 3 + op2
+
+
+def _apply(x: torch.Tensor, op: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.where(op == 0, x + y, torch.where(op == 1, x - y, x * y))
+
+
+def sample_problem_tensors(
+    n: int,
+    tokenizer: ArithmeticTokenizer,
+    generator: torch.Generator | None = None,
+    max_operand: int = 50,
+    min_operand: int = 0,
+    p_two_operators: float = 0.8,
+    reverse_answer: bool = False,
+    exclude_keys: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Draw ``n`` expressions like :func:`complex_expression` directly as tensors (no Python loop over samples).
+
+    Same distribution as ``complex_expression`` (``p_two_operators=0`` gives ``simple_expression``'s), values
+    computed with integer tensor arithmetic and Python's precedence (checked against :func:`safe_eval` in the
+    tests). Draws whose :func:`expression_key` is in ``exclude_keys`` (a 1-D long tensor, e.g. the keys of the
+    validation and test problems) are dropped, so slightly fewer than ``n`` rows may come back.
+
+    Returns ``input_ids``, ``attention_mask``, ``labels`` ``(n', L)`` laid out as :class:`ArithmeticDataset`
+    does (right padding, ``-100`` on prompt and padding), plus ``keys`` ``(n',)`` and ``values`` ``(n',)``.
+    """
+    if not 0 <= min_operand <= max_operand <= 999:
+        raise ValueError(f"need 0 <= min_operand <= max_operand <= 999, got {min_operand}, {max_operand}")
+    if not 0.0 <= p_two_operators <= 1.0:
+        raise ValueError(f"p_two_operators must be in [0, 1], got {p_two_operators}")
+    dev = torch.device(device)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+
+    def randint(low, high):
+        return torch.randint(low, high, (n,), generator=generator, device=gen_device).to(dev)
+
+    a, b, c = randint(min_operand, max_operand + 1), randint(min_operand, max_operand + 1), randint(min_operand, max_operand + 1)
+    op1, op2, pattern = randint(0, 3), randint(0, 3), randint(0, 3)
+    two = torch.rand(n, generator=generator, device=gen_device).to(dev) < p_two_operators
+    zero = torch.zeros_like(a)
+    pattern, c, op2 = torch.where(two, pattern, zero), torch.where(two, c, zero), torch.where(two, op2, zero)
+    left = _apply(_apply(a, op1, b), op2, c)  # (a op1 b) op2 c
+    right = _apply(a, op1, _apply(b, op2, c))  # a op1 (b op2 c)
+    no_parens = torch.where((op2 == 2) & (op1 != 2), right, left)  # '*' binds tighter; otherwise left to right
+    value = torch.where(pattern == 0, no_parens, torch.where(pattern == 1, left, right))
+    value = torch.where(two, value, _apply(a, op1, b))
+    keys = _key(two.long(), pattern, a, b, c, op1, op2, max_operand + 1)
+    if exclude_keys is not None and exclude_keys.numel():
+        keep = ~torch.isin(keys, exclude_keys.to(dev))
+        a, b, c, op1, op2, pattern, two, value, keys = (t[keep] for t in (a, b, c, op1, op2, pattern, two, value, keys))
+    m = a.shape[0]
+    v = tokenizer.vocab
+    op_ids = torch.tensor([v["+"], v["-"], v["*"]], device=dev)
+    hole = torch.full((m,), _HOLE, device=dev, dtype=torch.long)
+
+    def tok(symbol, where):
+        return torch.where(where, torch.full_like(hole, v[symbol]), hole)
+
+    operand_digits = len(str(max_operand))
+
+    def number(x):  # most significant digit first, leading zeros as holes (0 itself keeps one digit)
+        cols = []
+        for p in reversed(range(operand_digits)):
+            digit = (x // 10**p) % 10
+            cols.append(torch.where((x >= 10**p) | (p == 0), digit, hole))
+        return cols
+
+    slots = [tok("(", two & (pattern == 1)), *number(a), op_ids[op1], tok("(", two & (pattern == 2)), *number(b),
+             tok(")", two & (pattern == 1)), torch.where(two, op_ids[op2], hole),
+             *[torch.where(two, col, hole) for col in number(c)], tok(")", two & (pattern == 2)), tok("=", two | ~two)]
+    prompt_len = torch.stack(slots, 1).ne(_HOLE).sum(1)
+    slots.append(tok("-", value < 0))
+    magnitude = value.abs()
+    answer_digits = len(str(max(max_operand**3, 2 * max_operand)))
+    powers = range(answer_digits) if reverse_answer else reversed(range(answer_digits))
+    for p in powers:
+        slots.append(torch.where((magnitude >= 10**p) | (p == 0), (magnitude // 10**p) % 10, hole))
+    slots.append(torch.full_like(hole, tokenizer.eos_id))
+    wide = torch.stack(slots, dim=1)
+    is_hole = wide.eq(_HOLE)
+    order = torch.sort(is_hole.to(torch.uint8), dim=1, stable=True).indices  # real tokens first, in order
+    packed = wide.gather(1, order)
+    length = int((~is_hole).sum(1).max()) if m else 1
+    packed = packed[:, :length]
+    attention_mask = packed.ne(_HOLE).long()
+    input_ids = packed.masked_fill(packed.eq(_HOLE), tokenizer.pad_id)
+    positions = torch.arange(length, device=dev)[None]
+    labels = input_ids.masked_fill((attention_mask == 0) | (positions < prompt_len[:, None]), -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "keys": keys, "values": value}
