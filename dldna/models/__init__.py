@@ -2,7 +2,7 @@
 
 Each module adds its public names here with one ``from .module import ...`` line.
 """
-from dldna.models.layers import GatedMLP, GeGLU, RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary_pos_emb, rotate_half
+from dldna.models.layers import GatedMLP, GeGLU, LearnedPositionalEmbedding, RMSNorm, RotaryEmbedding, SinusoidalPositionalEmbedding, SwiGLU, alibi_bias, alibi_slopes, apply_rotary_pos_emb, rotate_half, sinusoidal_position_encoding
 from dldna.models.cache import KVCache
 from dldna.models.generation import CausalLMOutput, generate
 from dldna.models.mistral import MistralConfig, MistralForCausalLM, MistralModel

@@ -1,4 +1,5 @@
-"""Building blocks shared by every model in the book: RMSNorm, rotary embeddings, gated feed-forwards.
+"""Building blocks shared by every model in the book: RMSNorm, rotary embeddings, gated feed-forwards,
+absolute (sinusoidal, learned) positions and ALiBi biases.
 
 These are the single implementations the encoder, Mistral and Phi-3 models import. Layouts and parameter
 names follow Hugging Face (Llama/Mistral) so state dicts load both ways. Used in chapters 7-11.
@@ -116,3 +117,106 @@ def SwiGLU(hidden_size: int, intermediate_size: int) -> GatedMLP:
 def GeGLU(hidden_size: int, intermediate_size: int) -> GatedMLP:
     """GeGLU feed-forward (Shazeer 2020): ``GatedMLP`` with GELU gate."""
     return GatedMLP(hidden_size, intermediate_size, act="gelu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Absolute positions (added to the token embeddings) and ALiBi (added to the attention scores). Chapter 7.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    if not isinstance(position_ids, torch.Tensor):
+        raise TypeError(f"position_ids must be a tensor, got {type(position_ids).__name__}")
+    if position_ids.is_floating_point() or position_ids.is_complex():
+        raise ValueError(f"position_ids must be integers, got {position_ids.dtype}")
+    if position_ids.numel() and int(position_ids.min()) < 0:
+        raise ValueError("position_ids must be non-negative")
+    return position_ids
+
+
+def sinusoidal_position_encoding(position_ids: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal absolute positions (Vaswani et al. 2017), float32, shape ``position_ids.shape + (dim,)``.
+
+    ``PE[p, 2i] = sin(p / base^(2i/dim))`` and ``PE[p, 2i+1] = cos(p / base^(2i/dim))`` (interleaved, as in the
+    paper). Defined for every position, including ones never seen in training. Used in chapter 7.
+    """
+    position_ids = _check_positions(position_ids)
+    if dim <= 0 or dim % 2:
+        raise ValueError(f"dim must be a positive even number, got {dim}")
+    if base <= 0:
+        raise ValueError(f"base must be positive, got {base}")
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=position_ids.device) / dim))
+    angles = position_ids.to(torch.float32)[..., None] * inv_freq
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
+
+
+class SinusoidalPositionalEmbedding(nn.Module):
+    """Module form of ``sinusoidal_position_encoding``: ``forward(position_ids) -> (..., dim)``; no parameters."""
+
+    def __init__(self, dim: int, base: float = 10000.0):
+        super().__init__()
+        if dim <= 0 or dim % 2:
+            raise ValueError(f"dim must be a positive even number, got {dim}")
+        self.dim, self.base = dim, float(base)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return sinusoidal_position_encoding(position_ids, self.dim, self.base)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, base={self.base:g}"
+
+
+class LearnedPositionalEmbedding(nn.Embedding):
+    """Learned absolute positions (BERT, GPT-2): a ``(max_positions, dim)`` table indexed by ``position_ids``.
+
+    Positions ``>= max_positions`` have no row: ``forward`` raises ``ValueError`` rather than failing with an
+    index error deep inside ``embedding`` — the reason learned positions cannot extrapolate. Used in chapters 7-8.
+    """
+
+    def __init__(self, max_positions: int, dim: int, init_std: float = 0.02):
+        if max_positions <= 0 or dim <= 0:
+            raise ValueError(f"max_positions and dim must be positive, got {max_positions}, {dim}")
+        super().__init__(max_positions, dim)
+        nn.init.normal_(self.weight, std=init_std)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        position_ids = _check_positions(position_ids)
+        if position_ids.numel() and int(position_ids.max()) >= self.num_embeddings:
+            raise ValueError(f"position_ids go up to {int(position_ids.max())} but the table has only "
+                             f"{self.num_embeddings} positions (learned positions do not extrapolate)")
+        return super().forward(position_ids)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al. 2022), float32 ``(num_heads,)``: ``2^(-8/n), 2^(-16/n), ...`` for
+    ``n = num_heads`` a power of two; otherwise the slopes of the nearest lower power of two followed by every
+    other slope of the next one (the paper's recipe, also used by HF BLOOM). Used in chapter 7."""
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** (num_heads.bit_length() - 1)
+    slopes = power_of_two(closest)
+    if closest < num_heads:
+        slopes += power_of_two(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(num_heads: int, q_len: int, k_len: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """ALiBi additive attention bias ``-slope_h * |i - j|``, float32 ``(num_heads, q_len, k_len)``.
+
+    Queries sit at the *last* ``q_len`` of the ``k_len`` key positions (``i = k_len - q_len + row``), which is
+    what decoding with a KV cache needs. Add it to the scaled scores ``q k^T / sqrt(d)`` before the softmax; for a
+    causal model apply the causal mask as well (on the allowed half ``j <= i`` this is the paper's
+    ``-slope * (i - j)``; the symmetric form is the usual choice for bidirectional encoders). Used in chapter 7.
+    """
+    k_len = q_len if k_len is None else k_len
+    if q_len < 1 or k_len < q_len:
+        raise ValueError(f"need 1 <= q_len <= k_len, got q_len={q_len}, k_len={k_len}")
+    slopes = alibi_slopes(num_heads).to(device)
+    i = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    j = torch.arange(k_len, device=device)[None, :]
+    return -slopes[:, None, None] * (i - j).abs().to(torch.float32)
