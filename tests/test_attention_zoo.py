@@ -197,3 +197,108 @@ def test_mask_mods_work_with_flex_attention_block_masks():
         block_mask = flex.create_block_mask(mod, None, None, n, n, device="cpu", BLOCK_SIZE=bs)
         kept = block_mask.to_dense()[0, 0].bool()
         assert torch.equal(kept, M.block_layout_from_mask(dense, bs))
+
+
+# ------------------------------------------------------------------------------------------------ local.py
+from dldna.attention.local import block_sparse_attention, sliding_window_attention  # noqa: E402
+
+
+@SETTINGS
+@given(
+    b=st.integers(1, 2), hkv=st.integers(1, 2), rep=st.integers(1, 2), n=st.integers(1, 67), d=st.sampled_from([3, 8]),
+    window=st.integers(1, 70), causal=st.booleans(), chunk=st.one_of(st.none(), st.integers(1, 20)),
+    seed=st.integers(0, 10**6),
+)
+def test_sliding_window_equals_dense(b, hkv, rep, n, d, window, causal, chunk, seed):
+    q, k, v = qkv(b, hkv * rep, n, d, seed, hkv=hkv)
+    got = sliding_window_attention(q, k, v, window, causal=causal, chunk_size=chunk)
+    ref = attention(q, k, v, mask=M.sliding_window_mask(n, window, causal))
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() < 1e-10
+
+
+def test_sliding_window_gradients_match_dense():
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, 37, 8, seed=3))
+    mask = M.sliding_window_mask(37, 6, causal=False)
+    grad_out = torch.randn(2, 2, 37, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grads = torch.autograd.grad(sliding_window_attention(q, k, v, 6, causal=False, chunk_size=5), (q, k, v), grad_out)
+    ref = torch.autograd.grad(attention(q, k, v, mask=mask), (q, k, v), grad_out)
+    for g, r in zip(grads, ref):
+        assert (g - r).abs().max() < 1e-10
+
+
+@SETTINGS
+@given(
+    b=st.integers(1, 2), hkv=st.integers(1, 2), rep=st.integers(1, 2), n_blocks=st.integers(1, 7),
+    block_size=st.sampled_from([1, 3, 5]), density=st.floats(0.0, 1.0), causal=st.booleans(), seed=st.integers(0, 10**6),
+)
+def test_block_sparse_equals_dense(b, hkv, rep, n_blocks, block_size, density, causal, seed):
+    n = n_blocks * block_size
+    q, k, v = qkv(b, hkv * rep, n, 4, seed, hkv=hkv)
+    layout = torch.rand(n_blocks, n_blocks, generator=torch.Generator().manual_seed(seed)) < density
+    got = block_sparse_attention(q, k, v, layout, block_size, causal=causal)
+    mask = M.block_sparse_mask(n, block_size, layout) & (M.causal_mask(n) if causal else True)
+    ref = attention(q, k, v, mask=mask)
+    assert not torch.isnan(got).any()
+    assert (got - ref).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("pattern", ["bigbird", "longformer", "strided", "fixed"])
+def test_block_sparse_runs_the_named_block_patterns(pattern):
+    n_blocks, bs = 9, 3
+    layout = {
+        "bigbird": lambda: M.bigbird_block_layout(n_blocks, 3, 1, 2, seed=5),
+        "longformer": lambda: M.longformer_block_layout(n_blocks, 1, [0, 4]),
+        "strided": lambda: M.strided_block_layout(n_blocks, 3),
+        "fixed": lambda: M.fixed_block_layout(n_blocks, 3, 1),
+    }[pattern]()
+    causal = pattern in ("strided", "fixed")
+    q, k, v = qkv(1, 3, n_blocks * bs, 5, seed=11)
+    mask = M.block_sparse_mask(n_blocks * bs, bs, layout) & (M.causal_mask(n_blocks * bs) if causal else True)
+    got = block_sparse_attention(q, k, v, layout, bs, causal=causal)
+    assert (got - attention(q, k, v, mask=mask)).abs().max() < 1e-10
+
+
+def test_block_sparse_one_softmax_per_row_and_empty_rows_are_zero():
+    n_blocks, bs = 4, 2
+    layout = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
+    layout[0, :] = True  # block row 0 sees all 4 tiles; block row 1 sees none
+    layout[2, 2] = layout[3, 1] = layout[3, 3] = True
+    q, k, _ = qkv(1, 1, 8, 4, seed=2)
+    v = torch.ones(1, 1, 8, 4, dtype=torch.float64)  # with v = 1 every normalised row returns exactly 1
+    out = block_sparse_attention(q, k, v, layout, bs)
+    assert torch.allclose(out[0, 0, [0, 1, 4, 5, 6, 7]], torch.ones(6, 4, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(out[0, 0, 2:4], torch.zeros(2, 4, dtype=torch.float64))
+    # the printed chapter's per-tile softmax would give rows summing to the number of kept tiles (4 for row 0)
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda q, k, v: sliding_window_attention(q, k, v, 0), "window"),
+        (lambda q, k, v: sliding_window_attention(q, k, v, -3), "window"),
+        (lambda q, k, v: sliding_window_attention(q, k[:, :, :5], v[:, :, :5], 3), "seq length"),
+        (lambda q, k, v: sliding_window_attention(q, k[:, :, :5], v, 3), "k and v"),
+        (lambda q, k, v: sliding_window_attention(q, k[..., :3], v[..., :3], 3), "head_dim"),
+        (lambda q, k, v: block_sparse_attention(q, k, v, torch.ones(3, 3, dtype=torch.bool), 4), "block_size"),
+        (lambda q, k, v: block_sparse_attention(q, k, v, torch.ones(3, 3, dtype=torch.bool), 3), "layout"),
+        (lambda q, k, v: block_sparse_attention(q, k, v, torch.ones(2, 3, dtype=torch.bool), 3), "layout"),
+    ],
+)
+def test_local_argument_errors(call, name):
+    q, k, v = qkv(1, 2, 6, 4, seed=0)
+    with pytest.raises(ValueError, match=name):
+        call(q, k, v)
+
+
+def test_sliding_window_memory_is_a_small_fraction_of_dense():
+    """Same N/window ratio (64) as the bar's N=16384, window=256; benchmarks/attention_zoo.py measures 16k itself."""
+    from dldna.bench import peak_memory_mb
+
+    n, window = 4096, 64
+    q, k, v = qkv(1, 1, n, 16, seed=0, dtype=torch.float32)
+    mask = M.sliding_window_mask(n, window)
+    banded = peak_memory_mb(lambda: sliding_window_attention(q, k, v, window))
+    dense = peak_memory_mb(lambda: attention(q, k, v, mask=mask))
+    assert dense > 3 * n * n * 4 / 2**20 * 0.9, dense  # the dense reference holds several N x N float32 matrices
+    assert banded < 0.10 * dense, (banded, dense)
