@@ -1,0 +1,147 @@
+"""Config, measurement helpers, stored results and the printed complexity_benchmark facade (chapter 1)."""
+import json
+import math
+
+import pytest
+import torch
+
+from dldna import config
+from dldna.attention import attention, naive_attention
+from dldna.bench import fit_loglog_slope, growth_table, measure_attention_scaling, peak_memory_mb, time_fn
+from dldna.results import load_result, provenance, save_result
+
+
+def test_fast_picks_by_environment(monkeypatch):
+    monkeypatch.setenv("DLDNA_FAST", "1")
+    assert config.is_fast() and config.fast(1000, 10) == 10
+    monkeypatch.setenv("DLDNA_FAST", "0")
+    assert not config.is_fast() and config.fast(1000, 10) == 1000
+    monkeypatch.delenv("DLDNA_FAST")
+    assert config.fast("full", "small") == "full"
+    monkeypatch.setenv("DLDNA_FAST", "maybe")
+    with pytest.raises(ValueError, match="DLDNA_FAST"):
+        config.is_fast()
+
+
+def test_device_and_seeding(monkeypatch):
+    monkeypatch.setenv("DLDNA_DEVICE", "cpu")
+    assert config.device() == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            config.device("cuda")
+    config.seed_everything(123)
+    a = torch.randn(5)
+    config.seed_everything(123)
+    assert torch.equal(a, torch.randn(5))
+    with pytest.raises(TypeError, match="seed"):
+        config.seed_everything(1.5)
+
+
+def test_data_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("DLDNA_DATA_DIR", str(tmp_path))
+    assert config.data_dir() == tmp_path.resolve()
+    monkeypatch.setenv("DLDNA_DATA_DIR", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="DLDNA_DATA_DIR"):
+        config.data_dir()
+
+
+@pytest.mark.parametrize("n", [1, 37, 64])
+def test_naive_attention_matches_reference_and_sdpa(n):
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64) for _ in range(3))
+    out = naive_attention(q, k, v)
+    torch.testing.assert_close(out, attention(q, k, v), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=0, atol=1e-12)
+
+
+def test_peak_memory_sees_cpu_tensors():
+    # 2**20 float32 = 4 MiB allocated and kept, 8 MiB more transient: the peak is the sum while both live.
+    def work():
+        kept = torch.ones(2**20)
+        transient = torch.ones(2**21)
+        return kept + transient[: 2**20]
+
+    peak = peak_memory_mb(work)
+    assert 15.9 <= peak <= 16.5, peak
+
+
+def test_time_fn_and_validation():
+    assert time_fn(lambda: sum(range(1000)), warmup=0, repeats=3) > 0
+    with pytest.raises(ValueError, match="repeats"):
+        time_fn(lambda: None, repeats=0)
+
+
+def test_fit_loglog_slope_recovers_exponent():
+    xs = [64, 128, 256, 512]
+    assert fit_loglog_slope(xs, [3 * x**2 for x in xs]) == pytest.approx(2.0)
+    assert fit_loglog_slope(xs, [x**1.5 for x in xs]) == pytest.approx(1.5)
+    with pytest.raises(ValueError):
+        fit_loglog_slope([1, 2], [1, -1])
+
+
+def test_naive_memory_is_quadratic_and_sdpa_linear_on_cpu():
+    lengths = [256, 512, 1024]
+    naive = measure_attention_scaling(lengths, "naive", heads=2, head_dim=16, repeats=1)
+    sdpa = measure_attention_scaling(lengths, "sdpa", heads=2, head_dim=16, repeats=1)
+    naive_slope = fit_loglog_slope(lengths, [r["peak_mb"] for r in naive])
+    sdpa_slope = fit_loglog_slope(lengths, [r["peak_mb"] for r in sdpa])
+    assert 1.8 < naive_slope < 2.1, naive_slope
+    # the fused CPU kernel keeps per-thread tiles, never the (N, N) matrix
+    assert sdpa_slope < 1.5, sdpa_slope
+    assert sdpa[-1]["peak_mb"] < 0.25 * sdpa[-1]["scores_mb"], sdpa[-1]
+    # the naive peak holds at least one full score matrix
+    assert all(r["peak_mb"] >= r["scores_mb"] for r in naive)
+    table = growth_table(naive)
+    assert table[0]["theory"] == 1.0 and table[-1]["theory"] == 16.0
+
+
+def test_measure_attention_scaling_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="seq_lengths"):
+        measure_attention_scaling([])
+    with pytest.raises(ValueError, match="heads"):
+        measure_attention_scaling([8], heads=0)
+    with pytest.raises(ValueError, match="impl"):
+        measure_attention_scaling([8], impl="magic")
+
+
+def test_results_round_trip(tmp_path, monkeypatch):
+    import dldna.results as results
+
+    monkeypatch.setattr(results, "results_dir", lambda: tmp_path)
+    path = save_result("unit_test", {"x": [1, 2]}, "python -m unit", out_dir=tmp_path)
+    record = load_result("unit_test")
+    assert record["data"] == {"x": [1, 2]} and record["command"] == "python -m unit"
+    assert json.loads(path.read_text())["torch"] == torch.__version__
+    assert "python -m unit" in provenance(record)
+    with pytest.raises(FileNotFoundError):
+        load_result("does_not_exist")
+    with pytest.raises(ValueError, match="name"):
+        save_result("a/b", {}, "cmd")
+
+
+def test_stored_gpu_result_has_provenance_and_quadratic_naive_memory():
+    record = load_result("attention_cost_gpu")
+    assert record["device"].startswith("NVIDIA") and record["command"].startswith("python benchmarks/attention_cost.py")
+    slopes = record["data"]["slopes"]
+    assert abs(slopes["naive"]["peak_mb"] - 2) < 0.1 and abs(slopes["sdpa"]["peak_mb"] - 1) < 0.1
+
+
+def test_printed_complexity_benchmark_api():
+    from dldna.chapter_09.complexity_benchmark import (
+        measure_attention_complexity,
+        measure_attention_complexity_gpu,
+        measure_mh_attention_complexity_gpu,
+        plot_complexity_analysis,
+    )
+
+    results = measure_attention_complexity(seq_lengths=[32, 64], hidden_dim=16, batch_size=2)
+    assert [r[0] for r in results] == [32, 64]
+    assert all(isinstance(mb, float) and mb > 0 and s > 0 for _, mb, s in results)
+    # one (2, 64, 64) float32 score matrix is 32 KiB; the peak holds at least that
+    assert results[1][1] >= 2 * 64 * 64 * 4 / 2**20
+    assert len(measure_attention_complexity_gpu([16], hidden_dim=8)) == 1
+    assert len(measure_mh_attention_complexity_gpu([16], hidden_dim=16, num_heads=4)) == 1
+    with pytest.raises(ValueError, match="num_heads"):
+        measure_mh_attention_complexity_gpu([16], hidden_dim=10, num_heads=4)
+    fig = plot_complexity_analysis(results)
+    assert len(fig.axes) == 2
+    assert math.isfinite(fig.axes[0].get_lines()[0].get_ydata()[0])
