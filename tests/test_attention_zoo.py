@@ -302,3 +302,112 @@ def test_sliding_window_memory_is_a_small_fraction_of_dense():
     dense = peak_memory_mb(lambda: attention(q, k, v, mask=mask))
     assert dense > 3 * n * n * 4 / 2**20 * 0.9, dense  # the dense reference holds several N x N float32 matrices
     assert banded < 0.10 * dense, (banded, dense)
+
+
+# ------------------------------------------------------------------------------------------------ lowrank.py / linear.py
+from dldna.attention.linear import (  # noqa: E402
+    elu_features, favor_error, favor_features, kernel_attention_dense, linear_attention, orthogonal_random_matrix,
+    performer_attention, random_projection, softmax_kernel_estimates,
+)
+from dldna.attention.lowrank import linformer_attention, linformer_projection  # noqa: E402
+
+
+@SETTINGS
+@given(b=st.integers(1, 2), h=st.integers(1, 3), n=st.integers(1, 41), k_proj=st.integers(1, 9), seed=st.integers(0, 10**6))
+def test_linformer_projects_the_sequence_axis(b, h, n, k_proj, seed):
+    q, k, v = qkv(b, h, n, 5, seed)
+    gen = torch.Generator().manual_seed(seed)
+    E, F = (linformer_projection(k_proj, n, gen, dtype=torch.float64) for _ in range(2))
+    got = linformer_attention(q, k, v, E, F)
+    # the same thing written the long way: N x N scores, then projected on the key axis
+    ref = torch.softmax((q @ k.transpose(-1, -2)) @ E.T / math.sqrt(5), dim=-1) @ (F @ v)
+    assert got.shape == (b, h, n, 5)
+    assert (got - ref).abs().max() < 1e-10
+    eye = torch.eye(n, dtype=torch.float64)
+    assert (linformer_attention(q, k, v, eye, eye) - attention(q, k, v)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize(
+    "E_shape, F_shape, name", [((4, 9), (4, 10), "E"), ((4, 10), (4, 9), "F"), ((4, 10), (3, 10), "F"), ((10,), (4, 10), "E")]
+)
+def test_linformer_argument_errors(E_shape, F_shape, name):
+    q, k, v = qkv(1, 1, 10, 4, seed=0)
+    with pytest.raises(ValueError, match=f"^{name} must have shape"):
+        linformer_attention(q, k, v, torch.randn(*E_shape, dtype=torch.float64), torch.randn(*F_shape, dtype=torch.float64))
+
+
+@SETTINGS
+@given(b=st.integers(1, 2), h=st.integers(1, 2), n=st.integers(1, 45), m=st.integers(1, 12), causal=st.booleans(),
+       chunk=st.integers(1, 50), seed=st.integers(0, 10**6))
+def test_linear_attention_equals_its_quadratic_form(b, h, n, m, causal, chunk, seed):
+    gen = torch.Generator().manual_seed(seed)
+    phi_q = torch.rand(b, h, n, m, generator=gen, dtype=torch.float64)
+    phi_k = torch.rand(b, h, n, m, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, h, n, 3, generator=gen, dtype=torch.float64)
+    got = linear_attention(phi_q, phi_k, v, causal=causal, chunk_size=chunk)
+    assert (got - kernel_attention_dense(phi_q, phi_k, v, causal)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["positive", "hyperbolic"])
+def test_performer_stabilisation_cancels_and_gqa(causal, kind):
+    q, k, v = qkv(2, 4, 23, 6, seed=4, hkv=2)
+    w = random_projection(16, 6, generator=torch.Generator().manual_seed(1))
+    got = performer_attention(q, k, v, 16, causal=causal, projection=w, kind=kind, chunk_size=5)
+    root = 6 ** -0.25
+    kk, vv = (t.repeat_interleave(2, dim=1) for t in (k, v))
+    ref = kernel_attention_dense(favor_features(q * root, w, kind), favor_features(kk * root, w, kind), vv, causal)
+    assert (got - ref).abs().max() < 1e-10
+    if causal:  # the first query sees only the first key: its output is that key's value
+        assert (got[:, :, 0] - vv[:, :, 0]).abs().max() < 1e-12
+
+
+def test_orthogonal_random_matrix_rows():
+    w = orthogonal_random_matrix(20, 8, torch.Generator().manual_seed(0))
+    assert w.shape == (20, 8)
+    for start in (0, 8):  # rows inside one block of d are orthogonal
+        gram = w[start : start + 8] @ w[start : start + 8].T
+        assert (gram - torch.diag(torch.diagonal(gram))).abs().max() < 1e-10
+    sq_norms = torch.cat([orthogonal_random_matrix(64, 8, torch.Generator().manual_seed(s)).norm(dim=1) ** 2 for s in range(20)])
+    assert abs(float(sq_norms.mean()) - 8) < 0.5  # rows are marginally N(0, I): E|w|^2 = d
+
+
+@pytest.mark.parametrize("kind", ["positive", "hyperbolic", "trig"])
+def test_favor_features_are_unbiased(kind):
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, generator=gen, dtype=torch.float64) * 0.5
+    est = softmax_kernel_estimates(x, y, num_features=8, n_draws=3000, kind=kind, generator=gen)
+    exact = math.exp(float(x @ y))
+    stderr = float(est.std()) / math.sqrt(est.numel())
+    assert abs(float(est.mean()) - exact) < 4 * stderr, (float(est.mean()), exact, stderr)
+    if kind != "trig":
+        assert (est > 0).all()
+
+
+def test_relu_features_do_not_estimate_the_softmax_kernel():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, generator=gen, dtype=torch.float64) * 0.5
+    est = softmax_kernel_estimates(x, y, num_features=8, n_draws=3000, kind="relu", generator=gen)
+    stderr = float(est.std()) / math.sqrt(est.numel())
+    assert abs(float(est.mean()) - math.exp(float(x @ y))) > 10 * stderr
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_favor_error_falls_with_features(causal):
+    q, k, v = qkv(1, 2, 33, 8, seed=7)
+    errors = favor_error(q * 0.5, k * 0.5, v, [4, 32, 256], n_draws=4, causal=causal,
+                         generator=torch.Generator().manual_seed(0))
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < errors[0] / 3, errors
+
+
+def test_elu_kernel_attention_and_feature_errors():
+    q, k, v = qkv(1, 2, 9, 4, seed=1)
+    out = linear_attention(elu_features(q), elu_features(k), v, causal=True, chunk_size=4)
+    assert (out - kernel_attention_dense(elu_features(q), elu_features(k), v, causal=True)).abs().max() < 1e-10
+    with pytest.raises(ValueError, match="kind"):
+        favor_features(q, torch.randn(4, 4, dtype=torch.float64), kind="cosine")
+    with pytest.raises(ValueError, match="projection"):
+        favor_features(q, torch.randn(4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="num_features"):
+        performer_attention(q, k, v, 0)
