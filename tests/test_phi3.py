@@ -163,3 +163,57 @@ def test_config_rejects_bad_values(overrides):
 def test_rope_parameters_dict_is_folded_in():
     config = make_config(rope_parameters={"rope_type": "default", "rope_theta": 123.0, "partial_rotary_factor": 0.5})
     assert config.rope_theta == 123.0 and config.rotary_dim == 4
+
+
+def test_printed_train_complex_math_cell_runs_as_printed(tmp_path, capsys):
+    import random
+
+    from torch.utils.data import DataLoader
+
+    from dldna.chapter_09.phi3.examples.train_complex_math import (
+        ComplexArithmeticDataset,
+        PhiMiniConfig,
+        PhiMiniForCausalLM,
+        create_complex_arithmetic_data,
+        create_reverse_tokenizer,
+        create_tokenizer,
+        generate_text,
+        train,
+    )
+    from dldna.data import safe_eval
+
+    random.seed(42)
+    torch.manual_seed(42)
+    data = create_complex_arithmetic_data(64, 20)
+    for sample in data:
+        expr, rest = sample.split("=")
+        assert rest.endswith("<eos>") and safe_eval(expr) == int(rest[:-5]) and sum(c in "+-*" for c in expr) >= 2
+    tokenizer = create_tokenizer()
+    reverse_tokenizer = create_reverse_tokenizer(tokenizer)
+    dataset = ComplexArithmeticDataset(data, 20, tokenizer)
+    input_ids, labels = dataset[0]
+    assert input_ids.shape == (20,) and (labels[input_ids == tokenizer["<pad>"]] == -100).all()
+    config = PhiMiniConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, use_cache=True,
+                           use_return_dict=True)
+    config.pad_token_id = tokenizer["<pad>"]
+    config.eos_token_id = tokenizer["<eos>"]
+    model = PhiMiniForCausalLM(config)
+    model.lm_head.weight = model.transformer.embed_tokens.weight
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2, eta_min=1e-5)
+    losses = train(model, DataLoader(dataset, batch_size=16, shuffle=True), optimizer, scheduler, 2, "cpu")
+    assert "Epoch 2/2, Avg Loss:" in capsys.readouterr().out and losses[1] < losses[0]
+    out = model(input_ids=input_ids[None], labels=labels[None], return_dict=True)
+    assert out["loss"].ndim == 0 and out["logits"].shape == (1, 20, len(tokenizer))
+    path = tmp_path / "phimini_complex_math.pt"
+    torch.save(model.state_dict(), path)
+    loaded = PhiMiniForCausalLM(config)
+    loaded.load_state_dict(torch.load(path, map_location="cpu"))
+    loaded.eval()
+    prompt = data[0].split("=")[0] + "="
+    generated = generate_text(loaded, prompt, tokenizer, reverse_tokenizer, 20, "cpu", temperature=0.1)
+    assert generated.startswith(prompt) and isinstance(generated.split("=")[1], str)
+    greedy = generate_text(loaded, prompt, tokenizer, reverse_tokenizer, 20, "cpu", temperature=0)
+    assert greedy == generate_text(model.eval(), prompt, tokenizer, reverse_tokenizer, 20, "cpu", temperature=0)

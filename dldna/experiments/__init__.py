@@ -1,0 +1,1 @@
+"""Experiments behind the chapters' stored results (python -m dldna.experiments.<name>)."""
