@@ -411,3 +411,78 @@ def test_elu_kernel_attention_and_feature_errors():
         favor_features(q, torch.randn(4, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="num_features"):
         performer_attention(q, k, v, 0)
+
+
+# ------------------------------------------------------------------------------------------------ lsh.py
+from dldna.attention.lsh import collision_probability, lsh_attention, lsh_hash, lsh_mask, random_rotations  # noqa: E402
+
+
+@SETTINGS
+@given(
+    b=st.integers(1, 2), hkv=st.integers(1, 2), rep=st.integers(1, 2), n=st.integers(1, 45), n_buckets=st.sampled_from([2, 4, 6]),
+    n_hashes=st.integers(1, 3), causal=st.booleans(), shared=st.booleans(), same_bucket=st.booleans(),
+    chunk=st.one_of(st.none(), st.integers(1, 12)), seed=st.integers(0, 10**6),
+)
+def test_lsh_attention_equals_dense_with_its_mask(b, hkv, rep, n, n_buckets, n_hashes, causal, shared, same_bucket, chunk, seed):
+    q, k, v = qkv(b, hkv * rep, n, 5, seed, hkv=hkv)
+    if shared:
+        k, v = None, v.repeat_interleave(rep, dim=1)
+    rot = random_rotations(5, n_buckets, n_hashes, torch.Generator().manual_seed(seed))
+    kwargs = dict(n_hashes=n_hashes, causal=causal, chunk_size=chunk, shared_qk=shared, rotations=rot,
+                  same_bucket_only=same_bucket)
+    got = lsh_attention(q, k, v, n_buckets, **kwargs)
+    mask = lsh_mask(q, k, n_buckets, **kwargs)
+    keys = torch.nn.functional.normalize(q, dim=-1) if shared else k
+    ref = attention(q, keys, v, mask=mask)
+    assert not torch.isnan(got).any()
+    assert (got - ref).abs().max() < 1e-10
+    if shared:
+        assert mask.any(-1).all(), "with shared QK every token attends somewhere (itself at worst)"
+
+
+def test_lsh_with_one_chunk_is_full_attention_and_shared_qk_skips_self():
+    q, k, v = qkv(2, 2, 19, 4, seed=5)
+    full = lsh_attention(q, k, v, 4, chunk_size=19, same_bucket_only=False, causal=True, generator=torch.Generator())
+    assert (full - attention(q, k, v, causal=True)).abs().max() < 1e-10
+    shared = lsh_attention(q, None, v, 4, chunk_size=19, same_bucket_only=False, causal=True, shared_qk=True)
+    no_self = M.causal_mask(19) & ~torch.eye(19, dtype=torch.bool)
+    no_self[0, 0] = True  # position 0 has no other key: it attends to itself
+    ref = attention(q, torch.nn.functional.normalize(q, dim=-1), v, mask=no_self)
+    assert (shared - ref).abs().max() < 1e-10
+
+
+def test_lsh_buckets_group_similar_vectors_and_more_hashes_reduce_error():
+    gen = torch.Generator().manual_seed(0)
+    rot = random_rotations(8, 8, 1, gen)
+    x = torch.randn(1, 1, 1, 8, generator=gen, dtype=torch.float64)
+    near = x + 1e-3 * torch.randn(1, 1, 1, 8, generator=gen, dtype=torch.float64)
+    assert lsh_hash(x, rot).item() == lsh_hash(near, rot).item() == lsh_hash(3.0 * x, rot).item()
+    assert lsh_hash(x, rot).item() != lsh_hash(-x, rot).item()  # opposite directions never collide
+    q, k, v = qkv(1, 2, 64, 8, seed=1)
+    exact = attention(q, k, v)
+    errors = []
+    for n_hashes in (1, 4, 16):
+        out = lsh_attention(q, k, v, n_buckets=8, n_hashes=n_hashes, generator=torch.Generator().manual_seed(2))
+        errors.append(float((out - exact).norm() / exact.norm()))
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+def test_collision_probability_matches_hyperplane_theory():
+    angles = torch.linspace(0, math.pi, 7)
+    measured = collision_probability(angles, d=16, n_buckets=2, n_trials=4000, generator=torch.Generator().manual_seed(0))
+    theory = 1 - angles / math.pi
+    assert (measured - theory).abs().max() < 0.04, (measured, theory)
+    more = collision_probability(angles, d=16, n_buckets=8, n_trials=4000, generator=torch.Generator().manual_seed(0))
+    assert more[0] == 1 and (more[1:-1] < measured[1:-1]).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [(dict(n_buckets=3), "n_buckets"), (dict(n_buckets=0), "n_buckets"), (dict(n_buckets=4, n_hashes=0), "n_hashes"),
+     (dict(n_buckets=4, chunk_size=0), "chunk_size"), (dict(n_buckets=4, shared_qk=True), "k must be None"),
+     (dict(n_buckets=4, rotations=torch.randn(1, 4, 2, dtype=torch.float64)), "rotations")],
+)
+def test_lsh_argument_errors(kwargs, name):
+    q, k, v = qkv(1, 1, 10, 5, seed=0)
+    with pytest.raises(ValueError, match=name):
+        lsh_attention(q, k, v, **kwargs)

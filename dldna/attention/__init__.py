@@ -8,3 +8,4 @@ from dldna.attention.masks import (and_masks, bigbird_block_layout, bigbird_mask
 from dldna.attention.local import block_sparse_attention, sliding_window_attention
 from dldna.attention.lowrank import linformer_attention, linformer_projection
 from dldna.attention.linear import elu_features, favor_features, linear_attention, orthogonal_random_matrix, performer_attention, random_projection
+from dldna.attention.lsh import collision_probability, lsh_attention, lsh_hash, lsh_mask, random_rotations
