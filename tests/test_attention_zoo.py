@@ -486,3 +486,30 @@ def test_lsh_argument_errors(kwargs, name):
     q, k, v = qkv(1, 1, 10, 5, seed=0)
     with pytest.raises(ValueError, match=name):
         lsh_attention(q, k, v, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ printed-book facade
+def test_chapter_09_attention_complexity_examples(capsys):
+    import numpy as np
+
+    from dldna.chapter_09 import attention_complexity_examples as ex
+
+    assert ex.calculate_efficiency is ex.calcualte_efficieny
+    ex.calcualte_efficieny()
+    printed = capsys.readouterr().out
+    assert printed.count("Output shape: (2, 8, 4)") == 3
+    assert "Block Sparse" in printed and "25.0% of full" in printed
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 10, 4)) for _ in range(3))
+    tq, tk, tv = (torch.from_numpy(t)[:, None] for t in (q, k, v))
+    out = ex.sliding_window_attention(q, k, v, 4)
+    assert isinstance(out, np.ndarray)
+    ref = attention(tq, tk, tv, mask=M.sliding_window_mask(10, 4, causal=False))[:, 0].numpy()
+    assert np.abs(out - ref).max() < 1e-12
+    ref = attention(tq, tk, tv, mask=M.block_sparse_mask(10, 5, torch.eye(2, dtype=torch.bool)))[:, 0].numpy()
+    assert np.abs(ex.sparse_block_attention(q, k, v, 5) - ref).max() < 1e-12
+    with pytest.raises(ValueError, match="block_size"):
+        ex.sparse_block_attention(q, k, v, 3)  # the printed code silently dropped the last token here
+    low = ex.low_rank_attention(q, k, v, 3)
+    assert low.shape == (2, 10, 4) and np.array_equal(low, ex.low_rank_attention(q, k, v, 3)), "seeded"
+    assert ex.calculate_memory(16384, "sparse", 256, 64, 8) == 16384 * 64

@@ -40,6 +40,22 @@ def _normalise(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return (weights @ values) / weights.sum(dim=-1, keepdim=True).clamp_min(1.0)
 
 
+def sliding_window_plan(n: int, window: int, causal: bool = True, chunk_size: int | None = None):
+    """How ``sliding_window_attention`` tiles a length-``n`` sequence: ``(chunk, n_chunks, back, ahead)``.
+
+    Query chunk ``I`` sees the key chunks ``I - back .. I + ahead``; it holds ``chunk * (back + 1 + ahead) * chunk``
+    scores, ``n_chunks`` times. Default chunk: the window's reach (at least 16, at most ``n``).
+    """
+    n, window = _int("n", n), _int("window", window)
+    before = window - 1 if causal else window // 2  # how far back / forward a query can see
+    after = 0 if causal else window // 2
+    chunk = _int("chunk_size", chunk_size) if chunk_size is not None else max(before, after, 16)
+    chunk = min(chunk, n)
+    n_chunks = -(-n // chunk)
+    # never reach past the first / last chunk: those keys would all be padding
+    return chunk, n_chunks, min(-(-before // chunk), n_chunks - 1), min(-(-after // chunk), n_chunks - 1)
+
+
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,12 +82,7 @@ def sliding_window_attention(
     window = _int("window", window)
     k, v, scale = _self_attention_inputs(q, k, v, scale)
     b, h, n, d = q.shape
-    before = window - 1 if causal else window // 2  # how far back / forward a query can see
-    after = 0 if causal else window // 2
-    chunk = _int("chunk_size", chunk_size) if chunk_size is not None else max(before, after, 16)
-    chunk = min(chunk, n)
-    n_chunks = -(-n // chunk)
-    back, ahead = -(-before // chunk), -(-after // chunk)  # whole chunks reachable before / after
+    chunk, n_chunks, back, ahead = sliding_window_plan(n, window, causal, chunk_size)
     span = (back + 1 + ahead) * chunk  # keys gathered per query chunk
     tail = n_chunks * chunk - n
 
@@ -147,4 +158,4 @@ def block_sparse_attention(
     return out.reshape(b, h, n, d)
 
 
-__all__ = ["sliding_window_attention", "block_sparse_attention"]
+__all__ = ["sliding_window_plan", "sliding_window_attention", "block_sparse_attention"]
