@@ -31,8 +31,7 @@ test-chapter: $(STAMP)
 
 ## Build the website into _build/html from the outputs stored in the notebooks (nothing is re-executed).
 book: $(STAMP)
-	$(VENV)/bin/jupyter-book build . --keep-going
-	@echo "Open _build/html/index.html in a browser."
+	$(PY) book/build_site.py --source .
 
 clean:
 	rm -rf _build

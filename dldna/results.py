@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
+import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +60,24 @@ def save_result(name: str, data: Any, command: str, out_dir: Path | str | None =
     return target
 
 
+def _search_dirs() -> list[Path]:
+    """Where stored results are looked for: ``DLDNA_RESULTS_DIR``, the checkout's ``results/``, then the copy a
+    ``pip install`` puts under ``<prefix>/share/dldna/results`` (so chapters opened in Colab find them too)."""
+    dirs = [Path(os.environ["DLDNA_RESULTS_DIR"])] if os.environ.get("DLDNA_RESULTS_DIR") else []
+    dirs.append(repo_root() / "results")
+    for prefix in (sysconfig.get_path("data"), sys.prefix, sysconfig.get_config_var("userbase") or ""):
+        if prefix:
+            dirs.append(Path(prefix) / "share" / "dldna" / "results")
+    return dirs
+
+
 def load_result(name: str) -> dict:
-    """Read ``results/<name>.json`` (as written by ``save_result``); raises ``FileNotFoundError`` if absent."""
-    path = results_dir() / f"{name}.json"
-    if not path.exists():
-        raise FileNotFoundError(f"no stored result {name!r} at {path}; run the command that produces it")
-    return json.loads(path.read_text())
+    """Read ``<name>.json`` as written by ``save_result``; raises ``FileNotFoundError`` if no copy exists."""
+    for folder in _search_dirs():
+        path = folder / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+    raise FileNotFoundError(f"no stored result {name!r} in {[str(d) for d in _search_dirs()]}; run the command that produces it")
 
 
 def provenance(record: dict) -> str:

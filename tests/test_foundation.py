@@ -104,9 +104,7 @@ def test_measure_attention_scaling_rejects_bad_arguments():
 
 
 def test_results_round_trip(tmp_path, monkeypatch):
-    import dldna.results as results
-
-    monkeypatch.setattr(results, "results_dir", lambda: tmp_path)
+    monkeypatch.setenv("DLDNA_RESULTS_DIR", str(tmp_path))
     path = save_result("unit_test", {"x": [1, 2]}, "python -m unit", out_dir=tmp_path)
     record = load_result("unit_test")
     assert record["data"] == {"x": [1, 2]} and record["command"] == "python -m unit"
