@@ -1,0 +1,103 @@
+"""Compile the FlashAttention kernels for Hopper (sm_90a) without a GPU and report what the compiler made of them.
+
+For every kernel and config: registers per thread and spill bytes (from ``ptxas -v``), shared memory, and whether
+the tensor-core instructions are Hopper's warpgroup MMA (``wgmma`` in PTX, ``HGMMA`` in SASS) or the older
+``mma.sync``. Runs on any machine with triton (the compiler ships ``ptxas``); no device time needed.
+
+    python benchmarks/flash_compile_report.py [--dtype bf16] [--head-dims 64 128] [--out report.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dldna.kernels import flash_triton as ft
+
+DIV16 = [["tt.divisibility", 16]]
+POINTERS = {"Q", "K", "V", "O", "LSE", "DO", "DQ", "DK", "DV", "DELTA", "ROW_PTR", "COL_IDX", "COL_PTR", "ROW_IDX"}
+
+
+def _signature(fn, dtype: str, constexprs: dict, ints_not_div16: set[str], floats: set[str]):
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in floats:
+            sig[name] = "fp32"
+        elif name in POINTERS:
+            sig[name] = "*fp32" if name in ("LSE", "DELTA") else ("*i32" if "PTR" in name or "IDX" in name else f"*{dtype}")
+            attrs[(i,)] = DIV16
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride") and name not in ints_not_div16:
+                attrs[(i,)] = DIV16
+    return sig, attrs
+
+
+def compile_one(fn, dtype, head_dim, cfg, flags):
+    kind = fn.__name__
+    constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=flags[0], HAS_HI=flags[1],
+                      SPARSE=False)
+    floats = {"qk_scale", "sm_scale"}
+    sig, attrs = _signature(fn, dtype, constexprs, set(), floats)
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    target = GPUTarget("cuda", 90, 32)
+    kernel = triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptx = kernel.asm["ptx"]
+    info = {"kernel": kind, "dtype": dtype, "head_dim": head_dim, "config": repr(cfg), "flags": flags,
+            "shared_bytes": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
+            "mma_sync": ptx.count("mma.sync")}
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    log = res.stderr + res.stdout
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    info["registers"] = int(regs.group(1)) if regs else None
+    info["spill_store_bytes"] = int(spill.group(1)) if spill else None
+    info["spill_load_bytes"] = int(spill.group(2)) if spill else None
+    return info
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--flags", default="causal", choices=["full", "causal", "window"])
+    parser.add_argument("--kernels", nargs="+", default=["fwd", "dq", "dkdv"], choices=["fwd", "dq", "dkdv"])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    flags = {"full": (False, False), "causal": (False, True), "window": (True, True)}[args.flags]
+    kernels = {"fwd": ft._attn_fwd, "dq": ft._attn_bwd_dq, "dkdv": ft._attn_bwd_dkdv}
+    kernels = {name: kernels[name] for name in args.kernels}
+    rows = []
+    for d in args.head_dims:
+        for name, fn in kernels.items():
+            for cfg in ft._GPU_CONFIGS[name][64 if d <= 64 else 128]:
+                # the dK/dV kernel sees the band from the keys' side: a causal upper bound becomes a lower bound
+                kflags = flags[::-1] if name == "dkdv" else flags
+                try:
+                    info = compile_one(fn, args.dtype, d, cfg, kflags)
+                except Exception as err:  # report and go on: one failing config must not hide the others
+                    info = {"kernel": fn.__name__, "head_dim": d, "config": repr(cfg), "error": repr(err)[:300]}
+                rows.append(info)
+                print(json.dumps(info), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"triton": triton.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""FlashAttention as a PyTorch function: Triton kernels on GPU (or in Triton's CPU interpreter), tiled PyTorch else.
+
+``flash_attention`` and ``block_sparse_flash_attention`` validate their arguments, pick a backend and wrap the
+kernels of ``dldna.kernels.flash_triton`` in ``torch.autograd.Function``s (forward saves only ``O`` and the
+log-sum-exp; the backward recomputes the attention weights). Without a GPU and without ``TRITON_INTERPRET=1`` the
+same algorithm runs in plain PyTorch (``dldna.kernels.tiled``), so the package and chapter 5 work everywhere.
+
+Precision: fp16/bf16 inputs use the tensor cores with fp32 accumulation (relative error ~1e-3 to 1e-2, as the
+input rounding dictates); fp32 inputs use TF32 tensor cores on the GPU (~1e-3) and exact fp32 in the interpreter.
+
+Used in chapter 5 (and by Ring attention, which needs ``return_lse=True``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dldna.attention.reference import check_qkv
+from dldna.kernels.tiled import band_limits, tiled_flash_attention
+
+try:  # triton is optional: absent on macOS/Windows and on CPU-only installs
+    from dldna.kernels import flash_triton as _kernels
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    _kernels = None
+
+HEAD_DIMS = (16, 32, 64, 128)
+BACKENDS = ("auto", "triton", "torch")
+
+
+def triton_available(device: torch.device | str = "cuda") -> bool:
+    """Whether the Triton kernels can run on ``device``: CUDA with triton, or CPU under ``TRITON_INTERPRET=1``."""
+    if _kernels is None:
+        return False
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and not _kernels.interpreting()
+    return dev.type == "cpu" and _kernels.interpreting()
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if triton_available(device) else "torch"
+    if backend == "triton" and not triton_available(device):
+        raise ValueError(
+            f"backend='triton' needs triton and a CUDA tensor, or CPU tensors with TRITON_INTERPRET=1 set before "
+            f"triton is imported; got a {device.type} tensor"
+        )
+    return backend
+
+
+def _check_common(q, k, v, scale):
+    check_qkv(q, k, v)
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"v must have the head_dim of q ({q.shape[-1]}), got {v.shape[-1]}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0):
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _kernel_inputs(*tensors):
+    """Contiguous last dimension (any other strides are passed to the kernels as they are)."""
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
+
+
+def _interpreter_upcast(q, k, v):
+    """The interpreter's bf16 ``tl.dot`` is wrong (TOOLCHAIN.md): run bf16 there in fp32 and cast back."""
+    if _kernels is not None and _kernels.interpreting() and q.dtype == torch.bfloat16:
+        return q.float(), k.float(), v.float(), torch.bfloat16
+    return q, k, v, None
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, band_lo, band_hi, scale):
+        q, k, v = _kernel_inputs(q, k, v)
+        out, lse = _kernels.attention_forward(q, k, v, band_lo, band_hi, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.band = (band_lo, band_hi)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        (grad_out,) = _kernel_inputs(grad_out)
+        dq, dk, dv = _kernels.attention_backward(q, k, v, out, lse, grad_out, *ctx.band, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    window: int | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Exact softmax attention in O(N) memory (Dao et al. 2022; FlashAttention-2, Dao 2023), fwd + bwd.
+
+    Args:
+        q: ``(B, H, Nq, D)``; k, v: ``(B, Hkv, Nk, D)`` with ``H % Hkv == 0`` (GQA/MQA; K/V are never repeated).
+            ``D`` in {16, 32, 64, 128}; any ``Nq``, ``Nk``; fp16, bf16 or fp32 (see the module doc on precision).
+        causal: query ``i`` sees keys ``j <= i + Nk - Nq`` (bottom-right aligned, as ``dldna.attention.attention``).
+        window: with ``causal``, each query sees its last ``window`` keys (itself included); without, keys with
+            ``|i + Nk - Nq - j| <= window // 2``. Key blocks outside the window are skipped, so time is O(N * window).
+        scale: defaults to ``1 / sqrt(D)``.
+        return_lse: also return the natural log-sum-exp of the scaled scores, ``(B, H, Nq)`` float32 (``-inf`` for
+            rows with no key); it carries no gradient.
+        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (tiled PyTorch, any device)
+            or ``"auto"`` (Triton where it can run, else PyTorch).
+
+    Returns ``out`` ``(B, H, Nq, D)`` in the input dtype (and ``lse``). Rows with no allowed key give zeros.
+    Used in chapter 5.
+    """
+    scale = _check_common(q, k, v, scale)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    band = band_limits(q.shape[2], k.shape[2], causal, window)  # validates window
+    if _resolve_backend(backend, q.device) == "torch":
+        out, lse = tiled_flash_attention(q, k, v, causal, window, scale, return_lse=True)
+    else:
+        if q.shape[-1] not in HEAD_DIMS:
+            raise ValueError(f"head_dim must be one of {HEAD_DIMS} for the Triton kernel, got {q.shape[-1]}")
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"the Triton kernel takes fp16, bf16 or fp32 tensors, got {q.dtype}")
+        qi, ki, vi, cast_back = _interpreter_upcast(q, k, v)
+        out, lse = _FlashAttention.apply(qi, ki, vi, band.lo, band.hi, scale)
+        if cast_back is not None:
+            out = out.to(cast_back)
+    return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------------------------------ block-sparse
+def layout_to_csr(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row pointers and column indices (int32) of the True entries of a 2-D bool block layout."""
+    rows, cols = layout.nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=layout.shape[0])
+    row_ptr = torch.zeros(layout.shape[0] + 1, dtype=torch.int64, device=layout.device)
+    row_ptr[1:] = torch.cumsum(counts, 0)
+    return row_ptr.to(torch.int32), cols.to(torch.int32)
+
+
+def _check_layout(layout, block_size, n_q, n_k):
+    if not isinstance(layout, torch.Tensor) or layout.dtype != torch.bool:
+        raise TypeError("layout must be a bool tensor (True = block pair computed)")
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    want = (-(-n_q // block_size), -(-n_k // block_size))
+    if layout.dim() != 2 or tuple(layout.shape) != want:
+        raise ValueError(f"layout must have shape (ceil(Nq/block_size), ceil(Nk/block_size)) = {want}, "
+                         f"got {tuple(layout.shape)}")
+
+
+def block_mask_from_layout(layout: torch.Tensor, block_size: int, n_q: int, n_k: int) -> torch.Tensor:
+    """Expand a block layout to the ``(n_q, n_k)`` token mask it stands for (for the dense reference)."""
+    full = layout.repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
+    return full[:n_q, :n_k]
+
+
+class _BlockSparseFlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, block_size, scale):
+        q, k, v = _kernel_inputs(q, k, v)
+        layout = layout.to(q.device)
+        out, lse = _kernels.attention_forward(q, k, v, None, None, scale, layout=layout_to_csr(layout),
+                                              block=block_size)
+        ctx.save_for_backward(q, k, v, out, lse, layout)
+        ctx.block_size, ctx.scale = block_size, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, layout = ctx.saved_tensors
+        (grad_out,) = _kernel_inputs(grad_out)
+        dq, dk, dv = _kernels.attention_backward(q, k, v, out, lse, grad_out, None, None, ctx.scale,
+                                                 layout=layout_to_csr(layout),
+                                                 layout_t=layout_to_csr(layout.t().contiguous()),
+                                                 block=ctx.block_size)
+        return dq, dk, dv, None, None, None
+
+
+def block_sparse_flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """FlashAttention that visits only the kept blocks of a block layout (one softmax over all kept blocks).
+
+    Args:
+        q, k, v: as in ``flash_attention`` (GQA allowed).
+        layout: bool ``(ceil(Nq / block_size), ceil(Nk / block_size))``; ``layout[r, c]`` keeps the pair of query
+            block ``r`` and key block ``c`` (Longformer / BigBird / Sparse Transformer block layouts). Token mask:
+            ``block_mask_from_layout``. Work is proportional to the number of kept blocks.
+        block_size: 16, 32, 64 or 128 for the Triton kernel (the tile of both queries and keys).
+
+    Rows whose block row keeps nothing return zeros. The ``"torch"`` backend runs the dense reference with the
+    expanded token mask (O(N^2) memory; a check, not a fast path). Used in chapter 5.
+    """
+    scale = _check_common(q, k, v, scale)
+    _check_layout(layout, block_size, q.shape[2], k.shape[2])
+    if _resolve_backend(backend, q.device) == "torch":
+        from dldna.attention.reference import attention
+
+        mask = block_mask_from_layout(layout.to(q.device), block_size, q.shape[2], k.shape[2])
+        out, lse = attention(q, k, v, mask=mask, scale=scale, return_lse=True)
+        return (out, lse) if return_lse else out
+    if block_size not in (16, 32, 64, 128):
+        raise ValueError(f"block_size must be 16, 32, 64 or 128 for the Triton kernel, got {block_size}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS} for the Triton kernel, got {q.shape[-1]}")
+    qi, ki, vi, cast_back = _interpreter_upcast(q, k, v)
+    out, lse = _BlockSparseFlashAttention.apply(qi, ki, vi, layout, block_size, scale)
+    if cast_back is not None:
+        out = out.to(cast_back)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,523 @@
+"""Triton kernels of FlashAttention-2: forward, backward (dQ and dK/dV) and their block-sparse twins.
+
+The loops are those of ``dldna.kernels.tiled`` (read that first): one program owns a block of query rows (forward,
+dQ) or of key rows (dK/dV), walks the blocks of the other side that the mask keeps, and splits them into partly
+masked blocks (``MASKED=True``: bounds and band checks) and fully allowed blocks (no checks at all). Scores are
+kept in base 2 (``qk_scale = scale * log2(e)`` so ``exp2`` replaces ``exp``); the log-sum-exp handed to the
+backward and to the caller is natural-log. GQA: query head ``h`` reads K/V head ``h // GROUP``; the dK/dV program
+of a K/V head loops over its ``GROUP`` query heads, so nothing is repeated in memory and no atomics are needed.
+
+Importing this module needs ``triton``; on a CPU it runs only under ``TRITON_INTERPRET=1`` (set before the
+first ``import triton``). Used in chapter 5.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Integer arguments whose value changes from call to call (lengths, band limits, head counts) are not
+# specialised, so one compiled kernel serves every sequence length.
+_DYNAMIC = ["H", "GROUP", "n_q", "n_k", "band_lo", "band_hi"]
+
+
+@triton.jit
+def _band_mask(rows, cols, n_cols, band_lo, band_hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """True where ``cols`` exists (< n_cols) and ``band_lo <= col - row <= band_hi``; shape (rows, cols)."""
+    keep = cols[None, :] < n_cols
+    diff = cols[None, :] - rows[:, None]
+    if HAS_LO:
+        keep = keep & (diff >= band_lo)
+    if HAS_HI:
+        keep = keep & (diff <= band_hi)
+    return keep
+
+
+@triton.jit
+def _block_range(start, BLOCK_ROWS: tl.constexpr, n_cols, BLOCK_COLS: tl.constexpr, band_lo, band_hi,
+                 HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """Column blocks needed by rows [start, start + BLOCK_ROWS): masked [lo, full_lo), full, masked [full_hi, hi).
+
+    Same arithmetic as ``dldna.kernels.tiled.block_range``; blocks outside [lo, hi) are never visited.
+    """
+    last = start + BLOCK_ROWS - 1
+    lo = start * 0
+    hi = n_cols + lo
+    if HAS_LO:
+        lo = tl.maximum(start + band_lo, 0) // BLOCK_COLS * BLOCK_COLS
+    if HAS_HI:
+        hi = tl.maximum(tl.minimum(n_cols, last + band_hi + 1), lo)
+    full_lo = lo
+    if HAS_LO:
+        full_lo = tl.cdiv(tl.maximum(last + band_lo, lo), BLOCK_COLS) * BLOCK_COLS
+    full_hi = n_cols // BLOCK_COLS * BLOCK_COLS + lo * 0
+    if HAS_HI:
+        full_hi = tl.minimum(full_hi, tl.maximum(start + band_hi + 1, 0) // BLOCK_COLS * BLOCK_COLS)
+    full_lo = tl.minimum(full_lo, tl.cdiv(hi, BLOCK_COLS) * BLOCK_COLS)
+    full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+# ----------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k, band_lo, band_hi,
+               qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """One step of the online softmax: fold key block [start_n, start_n + BLOCK_N) into (acc, l_i, m_i)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=offs_n[:, None] < n_k, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    qk = tl.dot(q, tl.trans(k))
+    if MASKED:
+        keep = _band_mask(offs_m, offs_n, n_k, band_lo, band_hi, HAS_LO, HAS_HI)
+        qk = tl.where(keep, qk * qk_scale, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        qk = qk - m_ij[:, None]
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        qk = qk * qk_scale - m_ij[:, None]
+    p = tl.math.exp2(qk)
+    alpha = tl.math.exp2(m_i - m_ij)  # rescale what was accumulated against the old running max
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if MASKED:
+        v = tl.load(v_ptrs, mask=offs_n[:, None] < n_k, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_ij
+
+
+@triton.jit(do_not_specialize=_DYNAMIC)
+def _attn_fwd(Q, K, V, O, LSE, ROW_PTR, COL_IDX,
+              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+              H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr):
+    """Grid (query blocks, B * H). Dense: the band's key blocks. SPARSE: the kept key blocks of this block row,
+    COL_IDX[ROW_PTR[m]:ROW_PTR[m + 1]] (CSR of the block layout; BLOCK_M == BLOCK_N)."""
+    # Query blocks in reverse order: under a causal mask the last blocks have the most work, start them first.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    O += b * stride_ob + h * stride_oh
+    LSE += bh.to(tl.int64) * n_q
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < n_q, other=0.0)
+    # A finite floor instead of -inf keeps exp2(m_old - m_new) defined for rows that have seen no key yet.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if SPARSE:
+        for idx in range(tl.load(ROW_PTR + pid_m), tl.load(ROW_PTR + pid_m + 1)):
+            start_n = tl.load(COL_IDX + idx) * BLOCK_N
+            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
+                                       band_lo, band_hi, qk_scale, BLOCK_N, True, False, False)
+    else:
+        lo, full_lo, full_hi, hi = _block_range(start_m, BLOCK_M, n_k, BLOCK_N, band_lo, band_hi, HAS_LO, HAS_HI)
+        for start_n in range(lo, full_lo, BLOCK_N):  # left edge of a window: partly masked
+            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
+                                       band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI)
+        for start_n in range(full_lo, full_hi, BLOCK_N):  # the bulk: no mask, no bounds checks
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
+                                       band_lo, band_hi, qk_scale, BLOCK_N, False, HAS_LO, HAS_HI)
+        for start_n in range(full_hi, hi, BLOCK_N):  # diagonal (causal) and the ragged tail: partly masked
+            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
+                                       band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI)
+    # Divide by the softmax sum; write O and the natural-log LSE (rows without keys: zeros and -inf).
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty),
+             mask=offs_m[:, None] < n_q)
+    tl.store(LSE + offs_m, lse, mask=offs_m < n_q)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+@triton.jit(do_not_specialize=["H", "n_q"])
+def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+                    H, n_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = sum_d dO_id * O_id (= sum_j P_ij dP_ij), the row term of the softmax gradient."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < n_q
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=rows, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :], mask=rows,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * n_q + offs_m, delta, mask=offs_m < n_q)
+
+
+@triton.jit
+def _load_lse2(LSE, offs, n):
+    """LSE in base 2 for rows < n; rows without keys (-inf) become +inf so that P = exp2(s - lse) = 0."""
+    lse = tl.load(LSE + offs, mask=offs < n, other=0.0)
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k, band_lo, band_hi,
+              qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptrs, mask=offs_n[:, None] < n_k, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_n[:, None] < n_k, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # recomputed, never stored
+    if MASKED:
+        p = tl.where(_band_mask(offs_m, offs_n, n_k, band_lo, band_hi, HAS_LO, HAS_HI), p, 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq)
+
+
+@triton.jit(do_not_specialize=_DYNAMIC)
+def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX,
+                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                 stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+                 H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale, sm_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr):
+    """dQ of one query block: the forward's loop again, with dS = P * (dP - delta) in place of the softmax."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // GROUP
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    DQ += b * stride_dqb + h * stride_dqh
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    LSE += bh.to(tl.int64) * n_q
+    DELTA += bh.to(tl.int64) * n_q
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < n_q
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=rows, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :], mask=rows, other=0.0)
+    lse2 = _load_lse2(LSE, offs_m, n_q)
+    delta = tl.load(DELTA + offs_m, mask=offs_m < n_q, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if SPARSE:
+        for idx in range(tl.load(ROW_PTR + pid_m), tl.load(ROW_PTR + pid_m + 1)):
+            dq = _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, tl.load(COL_IDX + idx) * BLOCK_N,
+                           offs_m, offs_d, n_k, band_lo, band_hi, qk_scale, BLOCK_N, True, False, False)
+    else:
+        lo, full_lo, full_hi, hi = _block_range(start_m, BLOCK_M, n_k, BLOCK_N, band_lo, band_hi, HAS_LO, HAS_HI)
+        for start_n in range(lo, full_lo, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
+                           band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI)
+        for start_n in range(full_lo, full_hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            dq = _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
+                           band_lo, band_hi, qk_scale, BLOCK_N, False, HAS_LO, HAS_HI)
+        for start_n in range(full_hi, hi, BLOCK_N):
+            dq = _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
+                           band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI)
+    tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows)
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_don, start_m, offs_n, offs_d, n_q,
+                band_lo, band_hi, qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """Fold query block [start_m, start_m + BLOCK_M) into dK, dV of one key block (transposed: keys are rows)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_ptrs = Q + offs_m[:, None] * stride_qn + offs_d[None, :]
+    do_ptrs = DO + offs_m[:, None] * stride_don + offs_d[None, :]
+    if MASKED:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < n_q, other=0.0)
+        do = tl.load(do_ptrs, mask=offs_m[:, None] < n_q, other=0.0)
+    else:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+    lse2 = _load_lse2(LSE, offs_m, n_q)
+    delta = tl.load(DELTA + offs_m, mask=offs_m < n_q, other=0.0)
+    p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # P^T, (BLOCK_N, BLOCK_M)
+    if MASKED:
+        p_t = tl.where(_band_mask(offs_n, offs_m, n_q, band_lo, band_hi, HAS_LO, HAS_HI), p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv)
+    dp_t = tl.dot(v, tl.trans(do))
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=_DYNAMIC)
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX,
+                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                   stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
+                   stride_dvb, stride_dvh, stride_dvn,
+                   H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr):
+    """Grid (key blocks, B * Hkv). band_lo/band_hi bound ``i - j`` (query minus key): the forward's band seen from
+    the keys' side. SPARSE: the query blocks that keep this key block, ROW_IDX[COL_PTR[n]:COL_PTR[n + 1]] (CSC).
+
+    GQA: every query head of the group adds to this K/V head. The (head, block) pairs are walked as ONE flat loop
+    per kind of block: a loop over heads around the block loops made the compiler spill registers.
+    """
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    n_kv_heads = H // GROUP
+    b = (bhk // n_kv_heads).to(tl.int64)
+    hk = (bhk % n_kv_heads).to(tl.int64)
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = offs_n[:, None] < n_k
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=cols, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=cols, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    if SPARSE:
+        first = tl.load(COL_PTR + pid_n)
+        n_masked = tl.load(COL_PTR + pid_n + 1) - first
+    else:
+        lo, full_lo, full_hi, hi = _block_range(start_n, BLOCK_N, n_q, BLOCK_M, band_lo, band_hi, HAS_LO, HAS_HI)
+        n_left = (full_lo - lo) // BLOCK_M
+        n_masked = n_left + tl.cdiv(tl.maximum(hi - full_hi, 0), BLOCK_M)
+        n_full = (full_hi - full_lo) // BLOCK_M
+        for it in range(0, GROUP * n_full):  # fully allowed query blocks: no mask
+            g = it // tl.maximum(n_full, 1)
+            start_m = tl.multiple_of(full_lo + (it - g * n_full) * BLOCK_M, BLOCK_M)
+            h = hk * GROUP + g
+            dk, dv = _dkdv_block(dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                                 LSE + (b * H + h) * n_q, DELTA + (b * H + h) * n_q, stride_qn, stride_don, start_m,
+                                 offs_n, offs_d, n_q, band_lo, band_hi, qk_scale, BLOCK_M, False, HAS_LO, HAS_HI)
+    for it in range(0, GROUP * n_masked):  # partly masked query blocks (dense: left of the full ones, then right)
+        g = it // tl.maximum(n_masked, 1)
+        j = it - g * n_masked
+        if SPARSE:
+            start_m = tl.load(ROW_IDX + first + j) * BLOCK_M
+        else:
+            start_m = tl.where(j < n_left, lo + j * BLOCK_M, full_hi + (j - n_left) * BLOCK_M)
+        h = hk * GROUP + g
+        dk, dv = _dkdv_block(dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                             LSE + (b * H + h) * n_q, DELTA + (b * H + h) * n_q, stride_qn, stride_don, start_m,
+                             offs_n, offs_d, n_q, band_lo, band_hi, qk_scale, BLOCK_M, True,
+                             HAS_LO and not SPARSE, HAS_HI and not SPARSE)
+    DK += b * stride_dkb + hk * stride_dkh
+    DV += b * stride_dvb + hk * stride_dvh
+    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
+    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=cols)
+
+
+# ------------------------------------------------------------------------------------- configs and tuning
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of one kernel: rows per program, columns per step, warps, stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Hopper candidates (block_m, block_n, warps, stages); the tuner times them once per shape class.
+# Forward: 128-row query blocks feed two warpgroups' wgmma; block_n trades registers (the score tile) for fewer
+# online-softmax rescalings. Backward: dK/dV keep two (block_n x D) fp32 accumulators in registers, so a wide
+# key block needs 8 warps at D = 128.
+_GPU_CONFIGS = {
+    "fwd": {
+        64: [KernelConfig(128, 64, 4, 3), KernelConfig(128, 64, 4, 4), KernelConfig(128, 128, 8, 3),
+             KernelConfig(128, 128, 8, 4), KernelConfig(64, 64, 4, 4)],
+        128: [KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 4), KernelConfig(128, 128, 8, 2),
+              KernelConfig(128, 128, 8, 3), KernelConfig(64, 64, 4, 3)],
+    },
+    "dq": {
+        64: [KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 3), KernelConfig(128, 32, 4, 3),
+             KernelConfig(64, 32, 4, 4)],
+        128: [KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 3), KernelConfig(128, 32, 8, 3),
+              KernelConfig(64, 32, 4, 4)],
+    },
+    "dkdv": {
+        64: [KernelConfig(64, 128, 8, 3), KernelConfig(32, 128, 8, 3), KernelConfig(64, 64, 4, 3),
+             KernelConfig(32, 64, 4, 4)],
+        128: [KernelConfig(32, 128, 8, 3), KernelConfig(64, 128, 8, 3), KernelConfig(32, 64, 4, 4),
+              KernelConfig(64, 64, 8, 3)],
+    },
+}
+# (Registers, spills and shared memory of each: benchmarks/flash_compile_report.py, results/flash_compile_report.json.)
+# Under the interpreter the time grows with programs x loop steps: one config, tiles small enough that the
+# tests' short sequences still span several blocks (exercising masked, full and tail blocks).
+_INTERPRET_CONFIG = KernelConfig(32, 32, 4, 1)
+
+_forced: dict[str, KernelConfig] = {}
+_tuned: dict[tuple, KernelConfig] = {}
+TUNING_LOG: list[dict] = []  # one entry per tuning: kernel, key, every config's median ms, the winner
+
+
+def force_config(kernel: str, config: KernelConfig | None) -> None:
+    """Use ``config`` for ``kernel`` ("fwd", "dq", "dkdv") instead of tuning (``None`` restores tuning)."""
+    if kernel not in _GPU_CONFIGS:
+        raise ValueError(f"kernel must be one of {sorted(_GPU_CONFIGS)}, got {kernel!r}")
+    if config is None:
+        _forced.pop(kernel, None)
+    else:
+        _forced[kernel] = config
+
+
+def candidate_configs(kernel: str, head_dim: int) -> list[KernelConfig]:
+    """The configs the tuner tries for ``kernel`` at ``head_dim`` (one fixed config under the interpreter)."""
+    if interpreting():
+        return [_INTERPRET_CONFIG]
+    return _GPU_CONFIGS[kernel][64 if head_dim <= 64 else 128]
+
+
+def _pick_config(kernel: str, key: tuple, head_dim: int, launch) -> KernelConfig:
+    if kernel in _forced:
+        return _forced[kernel]
+    configs = candidate_configs(kernel, head_dim)
+    if len(configs) == 1:
+        return configs[0]
+    full_key = (kernel,) + key
+    if full_key not in _tuned:
+        times = []
+        for cfg in configs:
+            try:
+                times.append(triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=30, return_mode="median"))
+            except Exception as err:  # e.g. out of shared memory / resources for this tile shape
+                times.append(math.inf)
+                TUNING_LOG.append({"kernel": kernel, "key": repr(key), "config": repr(cfg), "error": repr(err)})
+        best = min(range(len(configs)), key=times.__getitem__)
+        _tuned[full_key] = configs[best]
+        TUNING_LOG.append({"kernel": kernel, "key": repr(key), "times_ms": {repr(c): t for c, t in zip(configs, times)},
+                           "best": repr(configs[best])})
+    return _tuned[full_key]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+# ----------------------------------------------------------------------------------------- launchers
+def _no_layout(device):
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None):
+    """Run the forward kernel; returns ``(o, lse)``.
+
+    Dense: ``band_lo``/``band_hi`` bound ``j - i`` (None = unbounded). Block-sparse: ``layout = (row_ptr, col_idx)``,
+    the CSR of a block layout with tiles of ``block`` x ``block`` tokens.
+    """
+    b, h, n_q, d = q.shape
+    n_kv, n_k = k.shape[1], k.shape[2]
+    o = torch.empty((b, h, n_q, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
+    row_ptr, col_idx = layout if layout is not None else (_no_layout(q.device),) * 2
+
+    def launch(cfg):
+        grid = (triton.cdiv(n_q, cfg.block_m), b * h)
+        _attn_fwd[grid](q, k, v, o, lse, row_ptr, col_idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                        h, h // n_kv, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E,
+                        HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                        HAS_LO=band_lo is not None, HAS_HI=band_hi is not None, SPARSE=layout is not None,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if layout is not None:
+        launch(_sparse_config(block, d))
+        return o, lse
+    key = (d, str(q.dtype), band_lo is not None, band_hi is not None, _pow2(n_q), _pow2(n_k), h // n_kv > 1)
+    launch(_pick_config("fwd", key, d, launch))
+    return o, lse
+
+
+def _sparse_config(block, head_dim):
+    warps = 8 if (block >= 128 and head_dim >= 128 and not interpreting()) else 4
+    return KernelConfig(block, block, warps, 1 if interpreting() else 3)
+
+
+def _delta(o, do):
+    b, h, n_q, d = o.shape
+    delta = torch.empty((b, h, n_q), device=o.device, dtype=torch.float32)
+    block = 64 if interpreting() else 128
+    _attn_bwd_delta[(triton.cdiv(n_q, block), b * h)](o, do, delta, *_strides(o), *_strides(do), h, n_q,
+                                                      HEAD_DIM=d, BLOCK_M=block)
+    return delta
+
+
+def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None, layout_t=None, block=None):
+    """Run the backward kernels (delta, dQ, dK/dV); returns ``(dq, dk, dv)``.
+
+    Block-sparse: ``layout`` is the CSR of the block layout (for dQ) and ``layout_t`` that of its transpose (for
+    dK/dV: the query blocks of each key block).
+    """
+    b, h, n_q, d = q.shape
+    n_kv, n_k = k.shape[1], k.shape[2]
+    group = h // n_kv
+    delta = _delta(o, do)
+    dq = torch.empty((b, h, n_q, d), device=q.device, dtype=q.dtype)
+    dk = torch.empty((b, n_kv, n_k, d), device=q.device, dtype=k.dtype)
+    dv = torch.empty((b, n_kv, n_k, d), device=q.device, dtype=v.dtype)
+    has_lo, has_hi = band_lo is not None, band_hi is not None
+    sparse = layout is not None
+    row_ptr, col_idx = layout if sparse else (_no_layout(q.device),) * 2
+    col_ptr, row_idx = layout_t if sparse else (_no_layout(q.device),) * 2
+
+    def launch_dq(cfg):
+        _attn_bwd_dq[(triton.cdiv(n_q, cfg.block_m), b * h)](
+            q, k, v, do, dq, lse, delta, row_ptr, col_idx, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+            *_strides(dq), h, group, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E, scale,
+            HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=has_lo, HAS_HI=has_hi, SPARSE=sparse,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    # Seen from the keys: query i may see key j  <=>  -band_hi <= i - j <= -band_lo.
+    t_lo = None if band_hi is None else -band_hi
+    t_hi = None if band_lo is None else -band_lo
+
+    def launch_dkdv(cfg):
+        _attn_bwd_dkdv[(triton.cdiv(n_k, cfg.block_n), b * n_kv)](
+            q, k, v, do, dk, dv, lse, delta, col_ptr, row_idx, *_strides(q), *_strides(k), *_strides(v),
+            *_strides(do), *_strides(dk), *_strides(dv), h, group, n_q, n_k, t_lo or 0, t_hi or 0, scale * LOG2E,
+            scale, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=t_lo is not None,
+            HAS_HI=t_hi is not None, SPARSE=sparse, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if sparse:
+        launch_dq(_sparse_config(block, d))
+        launch_dkdv(_sparse_config(block, d))
+        return dq, dk, dv
+    key = (d, str(q.dtype), has_lo, has_hi, _pow2(n_q), _pow2(n_k), group > 1)
+    launch_dq(_pick_config("dq", key, d, launch_dq))
+    launch_dkdv(_pick_config("dkdv", key, d, launch_dkdv))
+    return dq, dk, dv

@@ -1,0 +1,235 @@
+"""FlashAttention (chapter 5): the tiled PyTorch version and the Triton kernels under Triton's CPU interpreter.
+
+Every check compares outputs, log-sum-exps and q/k/v gradients with the float64 dense reference
+``dldna.attention.attention`` on fresh random inputs with odd sizes (tails), GQA/MQA, causal, sliding windows
+(causal and symmetric), Nq != Nk and fully masked rows. The full GPU matrix is benchmarks/gpu_test_flash.py.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+# The interpreter must be on before the kernels are decorated (at the first import of dldna.kernels.flash_triton).
+os.environ["TRITON_INTERPRET"] = "1"
+
+from dldna.attention.reference import attention  # noqa: E402
+from dldna.kernels import flash_attention, block_sparse_flash_attention, online_softmax  # noqa: E402
+from dldna.kernels.flash_attention import block_mask_from_layout  # noqa: E402
+from dldna.kernels.tiled import (  # noqa: E402
+    IOCounter,
+    band_limits,
+    block_range,
+    hbm_bytes_flash,
+    tiled_attention_forward,
+    tiled_flash_attention,
+)
+
+# Relative Frobenius error bounds against float64 on the same (rounded) inputs.
+BOUNDS = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
+
+
+def _triton_kernels():
+    triton = pytest.importorskip("triton")
+    from dldna.kernels import flash_triton
+
+    if not getattr(flash_triton._attn_fwd, "__class__", None).__name__.startswith("Interpreted"):
+        flash_triton = importlib.reload(flash_triton)  # imported earlier without the interpreter: re-decorate
+    return triton, flash_triton
+
+
+def _mask(n_q, n_k, causal, window):
+    """Token mask of the band, written independently of band_limits from the documented definitions."""
+    i = torch.arange(n_q)[:, None] + (n_k - n_q)
+    j = torch.arange(n_k)[None, :]
+    if causal:
+        keep = j <= i
+        return keep if window is None else keep & (i - j < window)
+    return torch.ones(n_q, n_k, dtype=torch.bool) if window is None else (i - j).abs() <= window // 2
+
+
+def _inputs(b, h, h_kv, n_q, n_k, d, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n_q, d, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.randn(b, h_kv, n_k, d, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(b, h_kv, n_k, d, generator=gen, dtype=torch.float64).to(dtype)
+    grad = torch.randn(b, h, n_q, d, generator=gen, dtype=torch.float64)
+    return q, k, v, grad
+
+
+def _rel(x, ref):
+    x = x.double()
+    assert torch.isfinite(x).all(), "non-finite values in the result"
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _check_against_reference(fn, q, k, v, grad, mask, bound):
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = attention(q64, k64, v64, mask=mask, return_lse=True)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad)
+    qt, kt, vt = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = fn(qt, kt, vt)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    grads = torch.autograd.grad(out, (qt, kt, vt), grad.to(q.dtype))
+    assert _rel(out, ref) < bound
+    for g, g_ref in zip(grads, ref_grads):
+        assert _rel(g, g_ref) < 2 * bound
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)  # rows without keys: -inf in both
+    assert (lse[finite].double() - ref_lse[finite]).abs().max().item() < 10 * bound
+    if not finite.all():
+        assert (out[~finite] == 0).all()  # fully masked rows are zeros, not NaN
+
+
+# ------------------------------------------------------------------------- the algorithm, in numpy/PyTorch
+def test_online_softmax_matches_softmax_and_rescales():
+    x = np.random.default_rng(0).normal(size=37) * 5
+    probs, history = online_softmax(x, block=8)
+    ref = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    np.testing.assert_allclose(probs, ref, rtol=1e-12)
+    assert len(history) == math.ceil(37 / 8)
+    m, l = history[-1]
+    assert m == x.max() and math.isclose(l, np.exp(x - m).sum(), rel_tol=1e-12)
+    assert all(b[0] >= a[0] for a, b in zip(history, history[1:]))  # the running max never decreases
+
+
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 5), (True, 17), (False, 6), (False, 1)])
+@pytest.mark.parametrize("n_q,n_k", [(29, 29), (13, 40), (40, 13)])
+def test_block_range_classifies_every_block(causal, window, n_q, n_k):
+    """Blocks outside [lo, hi) hold no allowed pair; blocks in [full_lo, full_hi) hold only allowed pairs."""
+    band = band_limits(n_q, n_k, causal, window)
+    allowed = _mask(n_q, n_k, causal, window)
+    for bm, bn in [(4, 8), (8, 4), (5, 3)]:
+        for start in range(0, n_q, bm):
+            rows = allowed[start : start + bm]
+            lo, full_lo, full_hi, hi = block_range(start, bm, n_k, bn, band)
+            assert lo % bn == 0 and full_lo % bn == 0 and full_hi % bn == 0 and lo <= full_lo <= full_hi
+            assert not rows[:, :lo].any() and not rows[:, max(hi, lo):].any()
+            if full_hi > full_lo:  # the unmasked loop reads no key past the end and no forbidden pair
+                assert rows[:, full_lo:full_hi].all() and full_hi <= n_k
+
+
+def test_band_limits_matches_the_documented_masks():
+    for n_q, n_k in [(9, 9), (5, 11), (11, 5)]:
+        for causal, window in [(False, None), (True, None), (True, 3), (False, 4)]:
+            band = band_limits(n_q, n_k, causal, window)
+            assert torch.equal(band.allowed(torch.arange(n_q), torch.arange(n_k)), _mask(n_q, n_k, causal, window))
+    with pytest.raises(ValueError, match="window"):
+        band_limits(4, 4, True, 0)
+
+
+@pytest.mark.parametrize(
+    "h,h_kv,n_q,n_k,d,causal,window",
+    [(4, 2, 37, 37, 8, False, None), (3, 1, 45, 45, 16, True, None), (2, 2, 53, 53, 8, True, 9),
+     (2, 1, 50, 50, 8, False, 13), (2, 2, 20, 45, 8, True, None), (2, 2, 45, 20, 8, True, 4)],
+)
+def test_tiled_pytorch_flash_attention_matches_reference(h, h_kv, n_q, n_k, d, causal, window):
+    q, k, v, grad = _inputs(2, h, h_kv, n_q, n_k, d, torch.float64, seed=n_q + h)
+
+    def fn(q, k, v):
+        return tiled_flash_attention(q, k, v, causal, window, return_lse=True, block_m=16, block_n=8)
+
+    _check_against_reference(fn, q, k, v, grad, _mask(n_q, n_k, causal, window), 1e-12)
+
+
+def test_tiled_io_count_equals_formula():
+    n, d, bm = 96, 16, 32
+    q, k, v, _ = _inputs(1, 1, 1, n, n, d, torch.float16, seed=1)
+    io = IOCounter()
+    tiled_attention_forward(q, k, v, block_m=bm, block_n=bm, io=io)
+    assert io.total == hbm_bytes_flash(n, d, bm, bytes_per_el=2)
+    io_causal = IOCounter()
+    tiled_attention_forward(q, k, v, causal=True, block_m=bm, block_n=bm, io=io_causal)
+    assert io_causal.total < io.total  # blocks above the diagonal are never read
+
+
+def test_torch_backend_of_flash_attention_matches_reference():
+    q, k, v, grad = _inputs(1, 4, 2, 41, 41, 16, torch.float32, seed=3)
+
+    def fn(q, k, v):
+        return flash_attention(q, k, v, causal=True, window=10, return_lse=True, backend="torch")
+
+    _check_against_reference(fn, q, k, v, grad, _mask(41, 41, True, 10), 1e-5)
+
+
+# ------------------------------------------------------------------------- the Triton kernels (interpreter)
+TRITON_CASES = [
+    # dtype, h, h_kv, n_q, n_k, d, causal, window
+    (torch.float32, 2, 2, 67, 67, 16, False, None),  # full attention, ragged tail
+    (torch.float16, 4, 2, 70, 70, 32, True, None),  # GQA, causal
+    (torch.float32, 2, 1, 100, 100, 16, True, 20),  # MQA, causal sliding window (skips blocks)
+    (torch.float16, 2, 2, 77, 77, 16, False, 25),  # symmetric window
+    (torch.float32, 2, 2, 40, 90, 64, True, None),  # Nq < Nk (KV-cache alignment), head_dim 64
+    (torch.float32, 2, 1, 90, 40, 16, True, 7),  # Nq > Nk: the first rows see no key at all
+    (torch.bfloat16, 2, 2, 50, 50, 16, True, None),  # bf16 (run in fp32 by the interpreter)
+    (torch.float16, 1, 1, 33, 33, 128, True, None),  # head_dim 128
+]
+
+
+@pytest.mark.parametrize("dtype,h,h_kv,n_q,n_k,d,causal,window", TRITON_CASES)
+def test_triton_flash_attention_matches_reference(dtype, h, h_kv, n_q, n_k, d, causal, window):
+    _triton_kernels()
+    q, k, v, grad = _inputs(1, h, h_kv, n_q, n_k, d, dtype, seed=n_q * 7 + d)
+
+    def fn(q, k, v):
+        return flash_attention(q, k, v, causal=causal, window=window, return_lse=True, backend="triton")
+
+    _check_against_reference(fn, q, k, v, grad, _mask(n_q, n_k, causal, window), BOUNDS[dtype])
+
+
+def test_triton_forward_accepts_strided_inputs_and_scale():
+    _triton_kernels()
+    q, k, v, grad = _inputs(1, 2, 2, 45, 45, 16, torch.float32, seed=11)
+    # (B, N, H, D) storage viewed as (B, H, N, D), as attention layers produce it
+    qs, ks, vs = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not qs.is_contiguous()
+
+    def fn(q, k, v):
+        return flash_attention(q, k, v, causal=True, scale=0.3, return_lse=True, backend="triton")
+
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    ref = attention(q64, k64, v64, causal=True, scale=0.3)
+    out, _ = fn(qs, ks, vs)
+    assert _rel(out, ref) < BOUNDS[torch.float32]
+
+
+@pytest.mark.parametrize("dtype,block", [(torch.float32, 32), (torch.float16, 16)])
+def test_triton_block_sparse_matches_reference(dtype, block):
+    _triton_kernels()
+    n_q, n_k = 70, 83
+    q, k, v, grad = _inputs(1, 4, 2, n_q, n_k, 16, dtype, seed=block)
+    gen = torch.Generator().manual_seed(block)
+    layout = torch.rand(-(-n_q // block), -(-n_k // block), generator=gen) < 0.5
+    layout[:, -1] = True  # the ragged last key block
+    layout[1] = False  # a block row with nothing kept: zeros
+    mask = block_mask_from_layout(layout, block, n_q, n_k)
+
+    def fn(q, k, v):
+        return block_sparse_flash_attention(q, k, v, layout, block, return_lse=True, backend="triton")
+
+    _check_against_reference(fn, q, k, v, grad, mask, BOUNDS[dtype])
+
+
+def test_argument_validation():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="head_dim"):
+        flash_attention(torch.randn(1, 2, 8, 48), torch.randn(1, 2, 8, 48), torch.randn(1, 2, 8, 48),
+                        backend="triton")
+    with pytest.raises(ValueError, match="window"):
+        flash_attention(q, q, q, causal=True, window=0)
+    with pytest.raises(ValueError, match="dtype"):
+        flash_attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="multiple"):
+        flash_attention(torch.randn(1, 3, 8, 16), q, q)
+    with pytest.raises(ValueError, match="backend"):
+        flash_attention(q, q, q, backend="cuda")
+    with pytest.raises(TypeError, match="causal"):
+        flash_attention(q, q, q, causal=1)
+    with pytest.raises(ValueError, match="layout"):
+        block_sparse_flash_attention(q, q, q, torch.ones(3, 3, dtype=torch.bool), 4)
+    with pytest.raises(TypeError, match="layout"):
+        block_sparse_flash_attention(q, q, q, torch.ones(2, 2), 4)
