@@ -122,3 +122,181 @@ def test_bert_matches_reference_wordpiece_on_agnews():
     texts = _agnews_texts(500)
     fast = [e.ids for e in bert_tokenizer().encode_batch(texts)]
     assert fast == [slow(t)["input_ids"] for t in texts]
+
+
+# ------------------------------------------------------------------------------------------------ AG News data
+from dldna.data.agnews import AG_NEWS_CLASSES, BatchLoader, encode_texts, load_ag_news, train_val_split  # noqa: E402
+
+
+@needs_agnews
+def test_load_ag_news_local_files():
+    test = load_ag_news("test")
+    assert len(test) == 7600 and "test.csv" in test.source
+    assert torch.bincount(test.labels).tolist() == [1900] * 4
+    assert test.texts[0].startswith("Fears for T N pension after talks")
+    train = load_ag_news("train", limit=50)
+    assert len(train) == 50 and "first 50" in train.source
+    assert set(train.labels.tolist()) <= {0, 1, 2, 3} and len(AG_NEWS_CLASSES) == 4
+    with pytest.raises(ValueError, match="split"):
+        load_ag_news("validation")
+
+
+@needs_agnews
+def test_train_val_split_is_stratified_and_disjoint():
+    data = load_ag_news("test", limit=400)
+    tr, val = train_val_split(data, 0.25, seed=1)
+    assert len(tr) + len(val) == 400
+    assert not set(tr.texts) & set(val.texts)
+    for c in range(4):
+        n_c = int((data.labels == c).sum())
+        assert abs(int((val.labels == c).sum()) - round(0.25 * n_c)) <= 1
+
+
+@needs_bert
+def test_encode_texts_and_bucketed_batches_cover_every_row_once():
+    texts = ["a b c d e f g", "hello", "the quick brown fox jumps", "x y", "one two three"] * 3
+    labels = torch.arange(len(texts)) % 4
+    enc = encode_texts(texts, labels, bert_tokenizer(), max_length=6)
+    assert enc.lengths.max() == 6 and enc.input_ids[0, :6].tolist()[0] == 101 and enc.input_ids[0, 5] == 102
+    seen = []
+    for batch in BatchLoader(enc, batch_size=4, shuffle=True, seed=0):
+        width = batch["input_ids"].shape[1]
+        assert width == int(batch["attention_mask"].sum(1).max())
+        assert (batch["input_ids"][~batch["attention_mask"]] == enc.pad_id).all()
+        seen += batch["labels"].tolist()
+    assert sorted(seen) == sorted(labels.tolist())
+    assert len(BatchLoader(enc, 4)) == 4
+
+
+# ----------------------------------------------------------------------------------------------------- encoder
+from dldna.attention import attention  # noqa: E402
+from dldna.models.encoder import (  # noqa: E402
+    Encoder, EncoderClassifier, EncoderConfig, EncoderForMaskedLM, key_padding_mask, mask_tokens, pool)
+
+
+def _model(position, pooling="mean", **kw):
+    torch.manual_seed(0)
+    return EncoderClassifier(EncoderConfig.tiny(position=position, pooling=pooling, **kw)).double().eval()
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_shapes_and_printed_defaults(position):
+    cfg = EncoderConfig(position=position)
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size,
+            cfg.hidden_dropout_prob, cfg.max_position_embeddings, cfg.layer_norm_eps) == (30522, 256, 4, 8, 512, 0.1, 512, 1e-12)
+    model = _model(position)
+    ids = torch.randint(1, 128, (3, 11))
+    out = model(ids, torch.ones(3, 11, dtype=torch.bool), labels=torch.tensor([0, 1, 3]))
+    assert out.logits.shape == (3, 4) and out.pooled.shape == (3, 32) and out.loss.ndim == 0
+    assert model.encoder(ids).shape == (3, 11, 32)
+    assert hasattr(model.encoder.layers[0].attention, "o_proj")
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+@pytest.mark.parametrize("pooling", ["first", "mean"])
+def test_padding_does_not_change_pooled_output(position, pooling):
+    model = _model(position, pooling)
+    ids = torch.randint(1, 128, (2, 9))
+    ref = model(ids, torch.ones(2, 9, dtype=torch.bool)).pooled
+    pad = torch.zeros(2, 6, dtype=torch.long)
+    right = model(torch.cat([ids, pad], 1), torch.cat([torch.ones(2, 9), torch.zeros(2, 6)], 1).bool()).pooled
+    torch.testing.assert_close(right, ref, rtol=0, atol=1e-12)
+    # garbage in padded slots must not matter either
+    noisy = torch.cat([ids, torch.randint(1, 128, (2, 6))], 1)
+    torch.testing.assert_close(model(noisy, torch.cat([torch.ones(2, 9), torch.zeros(2, 6)], 1).bool()).pooled, ref,
+                               rtol=0, atol=1e-12)
+    if pooling == "mean":  # left padding too: position ids count real tokens
+        left = model(torch.cat([pad, ids], 1), torch.cat([torch.zeros(2, 6), torch.ones(2, 9)], 1).bool()).pooled
+        torch.testing.assert_close(left, ref, rtol=0, atol=1e-12)
+    # and without the mask, padding does change the result (the test can fail)
+    assert (model(torch.cat([ids, pad], 1)).pooled - ref).abs().max() > 1e-4
+
+
+def test_attention_matches_reference_with_mask():
+    torch.manual_seed(1)
+    cfg = EncoderConfig.tiny(position="rope")
+    enc = Encoder(cfg).double().eval()
+    layer = enc.layers[0].attention
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3]).bool()
+    pos = torch.arange(7)[None].expand(2, 7)
+    cos, sin = enc.rotary_emb(x, pos)
+    out = layer(x, key_padding_mask(mask), (cos, sin))
+    from dldna.models.layers import apply_rotary_pos_emb
+    q, k, v = (p(x).view(2, 7, 4, 8).transpose(1, 2) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    ref = layer.o_proj(attention(q, k, v, mask=mask[:, None, None, :]).transpose(1, 2).reshape(2, 7, 32))
+    torch.testing.assert_close(out, ref)
+
+
+def test_rope_is_relative_and_learned_is_not():
+    ids = torch.randint(1, 128, (1, 8))
+    shifted = torch.arange(20, 28)[None]
+    for position, same in (("rope", True), ("learned", False)):
+        model = _model(position)
+        a = model(ids).pooled
+        b = model(ids, position_ids=shifted).pooled
+        assert torch.allclose(a, b, atol=1e-10) == same
+
+
+def test_learned_positions_beyond_table_raise_and_bad_config():
+    model = _model("learned")
+    with pytest.raises(ValueError, match="positions"):
+        model(torch.randint(1, 128, (1, 65)))
+    with pytest.raises(ValueError, match="position"):
+        EncoderConfig(position="alibi")
+    with pytest.raises(ValueError, match="divisible"):
+        EncoderConfig(hidden_size=30, num_attention_heads=8)
+    with pytest.raises(ValueError, match="real token"):
+        model(torch.ones(2, 3, dtype=torch.long), torch.tensor([[1, 1, 0], [0, 0, 0]]).bool())
+
+
+def test_xavier_init_and_pooling():
+    model = EncoderClassifier(EncoderConfig.tiny())
+    w = model.encoder.layers[0].mlp.fc1.weight
+    bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5
+    assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
+    assert model.encoder.word_embeddings.weight[0].abs().sum() == 0  # padding row
+    h = torch.arange(12.0).view(1, 4, 3)
+    assert pool(h, torch.tensor([[1, 1, 0, 0]]).bool(), "mean").tolist() == [[1.5, 2.5, 3.5]]
+    assert pool(h, None, "first").tolist() == [[0.0, 1.0, 2.0]]
+
+
+@pytest.mark.parametrize("position", ["learned", "rope"])
+def test_gradient_checkpointing_gives_same_gradients(position):
+    torch.manual_seed(0)
+    cfg = EncoderConfig.tiny(position=position, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                             classifier_dropout=0.0)
+    model = EncoderClassifier(cfg).double().train()
+    ids, labels = torch.randint(1, 128, (3, 10)), torch.tensor([0, 2, 3])
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+    model(ids, mask, labels).loss.backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, mask, labels).loss.backward()
+    for g, p in zip(ref, model.parameters()):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_mask_tokens_and_mlm_loss():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (64, 50))
+    attn = torch.ones_like(ids, dtype=torch.bool)
+    attn[:, 40:] = False
+    ids[:, 0] = 1  # a special token that must never be masked
+    masked, labels = mask_tokens(ids, attn, mask_token_id=3, vocab_size=100, special_ids=[1], generator=g)
+    chosen = labels != -100
+    assert not chosen[:, 0].any() and not chosen[:, 40:].any()
+    frac = chosen.sum().item() / (64 * 39)
+    assert 0.12 < frac < 0.18
+    assert (labels[chosen] == ids[chosen]).all()
+    share_mask = (masked[chosen] == 3).float().mean().item()
+    assert 0.72 < share_mask < 0.88
+    assert (masked[~chosen] == ids[~chosen]).all()
+    torch.manual_seed(0)
+    mlm = EncoderForMaskedLM(EncoderConfig.tiny())
+    out = mlm(masked, attn, labels)
+    assert out.logits.shape == (int(chosen.sum()), 128)
+    assert abs(out.loss.item() - torch.log(torch.tensor(128.0)).item()) < 1.0  # near-uniform at init

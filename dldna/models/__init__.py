@@ -7,3 +7,4 @@ from dldna.models.cache import KVCache
 from dldna.models.generation import CausalLMOutput, generate
 from dldna.models.mistral import MistralConfig, MistralForCausalLM, MistralModel
 from dldna.models.phi3 import Phi3Config, Phi3ForCausalLM, Phi3Model, Phi3Output
+from dldna.models.encoder import ClassifierOutput, Encoder, EncoderClassifier, EncoderConfig, EncoderForMaskedLM, mask_tokens
