@@ -513,3 +513,29 @@ def test_chapter_09_attention_complexity_examples(capsys):
     low = ex.low_rank_attention(q, k, v, 3)
     assert low.shape == (2, 10, 4) and np.array_equal(low, ex.low_rank_attention(q, k, v, 3)), "seeded"
     assert ex.calculate_memory(16384, "sparse", 256, 64, 8) == 16384 * 64
+
+
+# ------------------------------------------------------------------------------------------------ measurements
+def test_measure_zoo_and_benchmark_script(tmp_path):
+    import importlib.util
+    import json
+
+    from dldna.attention.zoo import crossover_n, zoo_errors
+
+    spec = importlib.util.spec_from_file_location("attention_zoo_bench", "benchmarks/attention_zoo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = bench.main(["--device", "cpu", "--sizes", "64", "128", "--repeats", "1", "--heads", "1", "--threads", "1",
+                       "--block-size", "32", "--no-memory-bar", "--out-dir", str(tmp_path)])
+    stored = json.loads((tmp_path / "attention_zoo_cpu.json").read_text())
+    assert stored["data"]["config"]["seq_lengths"] == [64, 128] and stored["command"].startswith("python benchmarks/")
+    recs = {(r["method"], r["n"]): r for r in data["records"]}
+    assert len(recs) == 2 * 8 and all(r["time_s"] > 0 and r["peak_mb"] > 0 for r in recs.values())
+    assert recs[("dense", 128)]["peak_mb"] > 3 * recs[("dense", 64)]["peak_mb"]  # N^2 scores
+    assert data["slopes"]["performer"]["memory"] < 1.3  # FAVOR+ memory grows linearly
+    fake = {"records": [{"method": "a", "n": n, "time_s": t} for n, t in ((1, 5), (2, 1), (4, 3), (8, 1))]
+            + [{"method": "b", "n": n, "time_s": 2} for n in (1, 2, 4, 8)]}
+    assert crossover_n(fake, "a", "b") == 8
+    errors = zoo_errors(n=67, head_dim=8, window=8, block_size=16, k_proj=16, num_features=32, lsh_chunk=8)
+    assert errors["sliding_window"]["vs_own_mask"] < 1e-12 and errors["block_sparse"]["vs_own_mask"] < 1e-12
+    assert errors["sliding_window"]["vs_full"] > 1e-3  # it is a different (sparser) attention, not an approximation

@@ -1,0 +1,255 @@
+"""Measuring the attention zoo: every efficient method against the dense reference and SDPA, vs sequence length.
+
+``zoo_methods(n, ...)`` builds, for one length, the callables ``fn(q, k, v)`` with their layouts / projections /
+rotations prepared outside the timed region. ``measure_zoo`` times them (``dldna.bench.time_fn``) and measures
+their peak memory (``dldna.bench.peak_memory_mb``) over a list of lengths, recording out-of-memory as missing,
+and fits log-log slopes. ``zoo_errors`` gives each method's error against the dense attention it replaces.
+``benchmarks/attention_zoo.py`` runs ``measure_zoo`` at full size and stores the result; chapters 2 and 3 run it
+small on the CPU and plot both with ``plot_zoo_scaling``.
+
+Used in chapters 2 and 3.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dldna.attention.linear import performer_attention, random_projection
+from dldna.attention.local import block_sparse_attention, sliding_window_attention
+from dldna.attention.lowrank import linformer_attention, linformer_projection
+from dldna.attention.lsh import lsh_attention, random_rotations
+from dldna.attention.masks import _int, bigbird_block_layout, block_sparse_mask, sliding_window_mask
+from dldna.attention.reference import attention
+
+ALL_METHODS = ("dense", "sdpa", "sliding_window", "block_sparse", "linformer", "performer", "performer_causal", "lsh")
+
+DESCRIPTIONS = {
+    "dense": "dense reference, causal (materialises N x N)",
+    "sdpa": "torch SDPA, causal (fused kernel where available)",
+    "sliding_window": "banded causal sliding window",
+    "block_sparse": "block-sparse, BigBird layout (window 3 + 1 global + 1 random block)",
+    "linformer": "Linformer, k_proj fixed",
+    "performer": "FAVOR+, non-causal",
+    "performer_causal": "FAVOR+, causal (chunked prefix sums)",
+    "lsh": "Reformer LSH, chunk fixed, buckets = N / chunk",
+}
+
+
+def zoo_methods(
+    n: int,
+    head_dim: int,
+    methods: Sequence[str] = ALL_METHODS,
+    window: int = 256,
+    block_size: int = 64,
+    k_proj: int = 256,
+    num_features: int = 256,
+    lsh_chunk: int = 64,
+    n_hashes: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> dict[str, Callable]:
+    """``{name: fn(q, k, v)}`` for length ``n``; random parts (layouts, projections, rotations) drawn once, seeded."""
+    unknown = set(methods) - set(ALL_METHODS)
+    if unknown:
+        raise ValueError(f"methods must be among {ALL_METHODS}, got {sorted(unknown)}")
+    n = _int("n", n)
+    gen = torch.Generator().manual_seed(seed)
+    fns: dict[str, Callable] = {}
+    for name in methods:
+        if name == "dense":
+            fns[name] = lambda q, k, v: attention(q, k, v, causal=True)
+        elif name == "sdpa":
+            fns[name] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif name == "sliding_window":
+            fns[name] = lambda q, k, v: sliding_window_attention(q, k, v, window)
+        elif name == "block_sparse":
+            if n % block_size:
+                raise ValueError(f"block_size ({block_size}) must divide n ({n}) for the block_sparse method")
+            layout = bigbird_block_layout(n // block_size, 3, 1, 1, seed).to(device)
+            fns[name] = lambda q, k, v, layout=layout: block_sparse_attention(q, k, v, layout, block_size)
+        elif name == "linformer":
+            e, f = (linformer_projection(min(k_proj, n), n, gen, dtype=dtype, device=device) for _ in range(2))
+            fns[name] = lambda q, k, v, e=e, f=f: linformer_attention(q, k, v, e, f)
+        elif name in ("performer", "performer_causal"):
+            w = random_projection(num_features, head_dim, True, gen, dtype=dtype, device=device)
+            causal = name == "performer_causal"
+            fns[name] = lambda q, k, v, w=w, causal=causal: performer_attention(q, k, v, num_features, causal,
+                                                                              projection=w)
+        elif name == "lsh":
+            n_buckets = max(2, 2 * round(n / lsh_chunk / 2))
+            rot = random_rotations(head_dim, n_buckets, n_hashes, gen, dtype=dtype, device=device)
+            fns[name] = lambda q, k, v, rot=rot, nb=n_buckets: lsh_attention(
+                q, k, v, nb, n_hashes, rotations=rot, chunk_size=lsh_chunk)
+    return fns
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower()
+
+
+def measure_zoo(
+    seq_lengths: Sequence[int],
+    methods: Sequence[str] = ALL_METHODS,
+    batch: int = 1,
+    heads: int = 1,
+    head_dim: int = 64,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    warmup: int = 1,
+    repeats: int = 3,
+    memory: bool = True,
+    max_dense_n: int | None = None,
+    progress: bool = True,
+    num_threads: int | None = None,
+    **method_kwargs,
+) -> dict:
+    """Time (median seconds) and peak memory (MiB) of each method at each length; slopes of both vs ``N``.
+
+    Returns ``{"config": {...}, "records": [{"method", "n", "time_s", "peak_mb", "error"}], "slopes": {method:
+    {"time": s, "memory": s}}}`` (slopes fitted on the four largest lengths). A run that runs out of memory is
+    recorded with ``None`` and the error; ``max_dense_n`` skips the quadratic methods (dense, SDPA) above that length. ``num_threads`` sets
+    ``torch.set_num_threads`` for the run (restored afterwards): on a shared, busy CPU one thread gives steadier
+    timings than several threads waiting on each other.
+    """
+    from dldna.bench import fit_loglog_slope
+
+    dev = torch.device(device)
+    previous_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(_int("num_threads", num_threads))
+    try:
+        records = _measure(seq_lengths, methods, batch, heads, head_dim, dtype, dev, warmup, repeats, memory,
+                           max_dense_n, progress, method_kwargs)
+    finally:
+        torch.set_num_threads(previous_threads)
+    slopes = {}
+    for name in methods:
+        slopes[name] = {}
+        for key, label in (("time_s", "time"), ("peak_mb", "memory")):
+            pts = [(r["n"], r[key]) for r in records if r["method"] == name and r[key] is not None and r[key] > 0][-4:]
+            slopes[name][label] = fit_loglog_slope(*zip(*pts)) if len(pts) >= 2 else None
+    config = dict(seq_lengths=[int(n) for n in seq_lengths], methods=list(methods), batch=batch, heads=heads,
+                  head_dim=head_dim, dtype=str(dtype).replace("torch.", ""), device=str(dev), warmup=warmup,
+                  repeats=repeats, num_threads=num_threads or previous_threads, **method_kwargs)
+    return {"config": config, "records": records, "slopes": slopes, "descriptions": {m: DESCRIPTIONS[m] for m in methods}}
+
+
+def _measure(seq_lengths, methods, batch, heads, head_dim, dtype, dev, warmup, repeats, memory, max_dense_n, progress,
+             method_kwargs) -> list[dict]:
+    from dldna.bench import peak_memory_mb, time_fn
+
+    from tqdm.auto import tqdm
+
+    records = []
+    steps = [(n, m) for n in seq_lengths for m in methods]
+    bar = tqdm(steps, desc="attention zoo", disable=not progress)
+    gen = torch.Generator().manual_seed(0)
+    current_n, fns, qkv = None, {}, None
+    for n, name in bar:
+        if n != current_n:
+            current_n = n
+            fns = zoo_methods(n, head_dim, methods, dtype=dtype, device=dev, **method_kwargs)
+            qkv = [torch.randn(batch, heads, n, head_dim, generator=gen).to(dtype=dtype, device=dev) for _ in range(3)]
+        record = {"method": name, "n": int(n), "time_s": None, "peak_mb": None, "error": None}
+        if max_dense_n is not None and n > max_dense_n and name in ("dense", "sdpa"):
+            record["error"] = f"skipped: n > max_dense_n ({max_dense_n})"
+        else:
+            fn = fns[name]
+            try:
+                with torch.no_grad():
+                    record["time_s"] = time_fn(lambda: fn(*qkv), warmup=warmup, repeats=repeats, device=dev)
+                    if memory:
+                        record["peak_mb"] = peak_memory_mb(lambda: fn(*qkv), device=dev)
+            except (RuntimeError, MemoryError) as err:
+                if not _is_oom(err):
+                    raise
+                record["error"] = "out of memory"
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+        records.append(record)
+    return records
+
+
+def crossover_n(result: dict, method: str, baseline: str) -> int | None:
+    """Smallest measured ``N`` from which ``method`` is faster than ``baseline`` at every larger measured ``N``."""
+    times = {}
+    for r in result["records"]:
+        if r["time_s"] is not None:
+            times.setdefault(r["method"], {})[r["n"]] = r["time_s"]
+    shared = sorted(set(times.get(method, {})) & set(times.get(baseline, {})))
+    faster = [times[method][n] < times[baseline][n] for n in shared]
+    for i, n in enumerate(shared):
+        if all(faster[i:]):
+            return n
+    return None
+
+
+def zoo_errors(
+    n: int = 257, head_dim: int = 32, window: int = 64, block_size: int = 32, k_proj: int = 64, num_features: int = 128,
+    lsh_chunk: int = 32, n_hashes: int = 4, seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Relative error ``|out - ref| / |ref|`` (Frobenius) of each method, float64, against (a) dense attention
+    with its own mask and (b) full attention (causal for the causal methods).
+
+    Exact sparse methods have (a) ~1e-16 and (b) large (they drop pairs); approximations (Linformer, FAVOR+) are
+    compared with full attention only. ``n`` odd on purpose (block-sparse uses the largest multiple of
+    ``block_size`` below it).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, n, head_dim, generator=gen, dtype=torch.float64) for _ in range(3))
+    full_causal, full = attention(q, k, v, causal=True), attention(q, k, v)
+
+    def err(a, b):
+        return float((a - b).norm() / b.norm())
+
+    out = {}
+    sw = sliding_window_attention(q, k, v, window)
+    out["sliding_window"] = {"vs_own_mask": err(sw, attention(q, k, v, mask=sliding_window_mask(n, window))),
+                             "vs_full": err(sw, full_causal)}
+    nb = (n // block_size) * block_size
+    layout = bigbird_block_layout(nb // block_size, 3, 1, 1, seed)
+    qb, kb, vb = q[:, :, :nb], k[:, :, :nb], v[:, :, :nb]
+    bs = block_sparse_attention(qb, kb, vb, layout, block_size)
+    out["block_sparse"] = {"vs_own_mask": err(bs, attention(qb, kb, vb, mask=block_sparse_mask(nb, block_size, layout))),
+                           "vs_full": err(bs, attention(qb, kb, vb))}
+    e, f = (linformer_projection(k_proj, n, gen, dtype=torch.float64) for _ in range(2))
+    out["linformer"] = {"vs_full": err(linformer_attention(q, k, v, e, f), full)}
+    out["performer"] = {"vs_full": err(performer_attention(q, k, v, num_features, generator=gen), full)}
+    out["performer_causal"] = {"vs_full": err(performer_attention(q, k, v, num_features, True, generator=gen), full_causal)}
+    n_buckets = max(2, 2 * round(n / lsh_chunk / 2))
+    out["lsh"] = {"vs_full": err(lsh_attention(q, k, v, n_buckets, n_hashes, generator=gen, chunk_size=lsh_chunk), full)}
+    return out
+
+
+def plot_zoo_scaling(result: dict, title: str = "", methods: Sequence[str] | None = None):
+    """Two log-log panels (time, peak memory) vs ``N``, one line per method, fitted slope in the legend; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    methods = list(methods or result["config"]["methods"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "time_s", "time (s)"), (axes[1], "peak_mb", "peak memory (MiB)")):
+        for name in methods:
+            pts = sorted((r["n"], r[key]) for r in result["records"] if r["method"] == name and r[key])
+            if not pts:
+                continue
+            slope = result["slopes"].get(name, {}).get("time" if key == "time_s" else "memory")
+            tag = f"{name} (slope {slope:.2f})" if slope is not None else name
+            ax.plot(*zip(*pts), marker="o", label=tag)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    cfg = result["config"]
+    fig.suptitle(title or f"{cfg['device']}, {cfg['dtype']}, batch {cfg['batch']}, heads {cfg['heads']}, "
+                 f"head_dim {cfg['head_dim']}")
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["ALL_METHODS", "zoo_methods", "measure_zoo", "crossover_n", "zoo_errors", "plot_zoo_scaling"]
