@@ -539,3 +539,16 @@ def test_measure_zoo_and_benchmark_script(tmp_path):
     errors = zoo_errors(n=67, head_dim=8, window=8, block_size=16, k_proj=16, num_features=32, lsh_chunk=8)
     assert errors["sliding_window"]["vs_own_mask"] < 1e-12 and errors["block_sparse"]["vs_own_mask"] < 1e-12
     assert errors["sliding_window"]["vs_full"] > 1e-3  # it is a different (sparser) attention, not an approximation
+
+
+def test_value_dim_may_differ_and_v_identity_returns_the_attention_matrix():
+    q, k, _ = qkv(1, 2, 12, 4, seed=8)
+    eye = torch.eye(12, dtype=torch.float64).expand(1, 2, 12, 12)
+    probs = sliding_window_attention(q, k, eye, 5, causal=False)
+    assert (probs - attention(q, k, eye, mask=M.sliding_window_mask(12, 5, causal=False))).abs().max() < 1e-12
+    assert (probs.sum(-1) - 1).abs().max() < 1e-12
+    layout = M.bigbird_block_layout(4, 3, 1, 1, 0)
+    blocks = block_sparse_attention(q, k, eye, layout, 3)
+    assert (blocks - attention(q, k, eye, mask=M.block_sparse_mask(12, 3, layout))).abs().max() < 1e-12
+    lsh = lsh_attention(q, k, eye, 4, 2, generator=torch.Generator().manual_seed(0))
+    assert (lsh.sum(-1) - 1).abs().max() < 1e-12

@@ -100,7 +100,7 @@ def sliding_window_attention(
     scores = (q_chunks @ k_windows) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     out = _normalise(scores, v_windows)
-    return out.reshape(b, h, n_chunks * chunk, d)[:, :, :n]
+    return out.reshape(b, h, n_chunks * chunk, v.shape[-1])[:, :, :n]
 
 
 def block_sparse_attention(
@@ -137,7 +137,7 @@ def block_sparse_attention(
     rows, cols = layout.nonzero(as_tuple=True)  # the kept tiles, (nnz,) each
 
     def tiles(x, index):  # (B, H, N, D) -> (B, H, nnz, block_size, D)
-        return x.view(b, h, n_blocks, block_size, d)[:, :, index]
+        return x.view(b, h, n_blocks, block_size, x.shape[-1])[:, :, index]
 
     scores = (tiles(q, rows) @ tiles(k, cols).transpose(-1, -2)) * scale  # (B, H, nnz, bs, bs)
     if causal:
@@ -152,10 +152,10 @@ def block_sparse_attention(
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     weights = torch.exp(scores - row_max[:, :, rows, :, None])
     denom = torch.zeros(b, h, n_blocks, block_size, dtype=q.dtype, device=q.device).index_add(2, rows, weights.sum(-1))
-    numer = torch.zeros(b, h, n_blocks, block_size, d, dtype=q.dtype, device=q.device)
+    numer = torch.zeros(b, h, n_blocks, block_size, v.shape[-1], dtype=q.dtype, device=q.device)
     numer = numer.index_add(2, rows, weights @ tiles(v, cols))
     out = numer / denom.clamp_min(1.0)[..., None]
-    return out.reshape(b, h, n, d)
+    return out.reshape(b, h, n, v.shape[-1])
 
 
 __all__ = ["sliding_window_plan", "sliding_window_attention", "block_sparse_attention"]

@@ -142,9 +142,9 @@ def lsh_attention(
         scores = torch.where(allowed, scores - torch.log(count.clamp_min(1)), torch.full_like(scores, float("-inf")))
         lse = torch.logsumexp(scores, dim=-1)  # (B, H, nc, C)
         weights = torch.exp(scores - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-        out_sorted = (weights @ take(v, k_pos)).reshape(b, h, -1, d)[:, :, :n]
+        out_sorted = (weights @ take(v, k_pos)).reshape(b, h, -1, v.shape[-1])[:, :, :n]
         back = rounds.q_order[:, :, r]  # scatter the sorted rows back to their positions
-        outs.append(torch.zeros_like(out_sorted).scatter(2, back[..., None].expand(-1, -1, -1, d), out_sorted))
+        outs.append(torch.zeros_like(out_sorted).scatter(2, back[..., None].expand_as(out_sorted), out_sorted))
         lses.append(torch.zeros(b, h, n, dtype=q.dtype, device=q.device).scatter(2, back, lse.reshape(b, h, -1)[:, :, :n]))
     lse_all = torch.stack(lses)  # (R, B, H, N)
     total = torch.logsumexp(lse_all, dim=0)

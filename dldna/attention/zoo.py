@@ -252,4 +252,73 @@ def plot_zoo_scaling(result: dict, title: str = "", methods: Sequence[str] | Non
     return fig
 
 
-__all__ = ["ALL_METHODS", "zoo_methods", "measure_zoo", "crossover_n", "zoo_errors", "plot_zoo_scaling"]
+def plot_masks(masks: dict, ncols: int = 4, size: float = 2.6):
+    """One heatmap per ``(n, n)`` bool mask (yellow = may attend), with the fraction of kept scores; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    nrows = -(-len(masks) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, mask) in zip(axes.flat, masks.items()):
+        ax.axis("on")
+        ax.imshow(torch.as_tensor(mask).float(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"{title}\n{float(torch.as_tensor(mask).float().mean()):.0%} kept", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_ylabel("query i")
+    fig.tight_layout()
+    return fig
+
+
+def sliding_window_computed(n: int, window: int, causal: bool = True, chunk_size: int | None = None) -> torch.Tensor:
+    """``(n, n)`` bool: the score entries ``sliding_window_attention`` computes (allowed or not) with its chunk plan."""
+    from dldna.attention.local import sliding_window_plan
+
+    chunk, n_chunks, back, ahead = sliding_window_plan(n, window, causal, chunk_size)
+    computed = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n_chunks):
+        lo, hi = max(0, (i - back) * chunk), min(n, (i + 1 + ahead) * chunk)
+        computed[i * chunk : (i + 1) * chunk, lo:hi] = True
+    return computed
+
+
+def plot_efficient_patterns(n: int = 64, window: int = 8, block_size: int = 8, rank: int = 8):
+    """Chapter 2's three early methods for one setting: the banded tiles, a block layout and Linformer's shapes."""
+    import matplotlib.pyplot as plt
+
+    from dldna.attention.local import sliding_window_plan
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    chunk = sliding_window_plan(n, window, True)[0]
+    picture = sliding_window_computed(n, window).float() * 0.45 + sliding_window_mask(n, window).float() * 0.55
+    axes[0].imshow(picture, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    axes[0].set_title(f"sliding window w={window}: {int(sliding_window_mask(n, window).sum())} allowed,\n"
+                      f"{int(sliding_window_computed(n, window).sum())} computed (chunks of {chunk})", fontsize=8)
+    if n % block_size == 0:
+        nb = n // block_size
+        layout = torch.eye(nb, dtype=torch.bool) | torch.eye(nb, dtype=torch.bool).roll(-1, dims=1)
+        layout[:, 0] = True
+        layout = layout & torch.ones(nb, nb, dtype=torch.bool).tril()
+        mask = block_sparse_mask(n, block_size, layout)
+        axes[1].imshow(mask.float(), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        axes[1].set_title(f"block sparse b={block_size}: {int(layout.sum())} of {nb * nb} tiles\n"
+                          f"(local + previous + first block)", fontsize=8)
+    else:
+        axes[1].text(0.5, 0.5, f"block size {block_size}\ndoes not divide n={n}", ha="center", va="center")
+    k = min(rank, n)
+    scores = torch.zeros(n, n)
+    scores[:, :k] = 1
+    axes[2].imshow(scores, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    axes[2].set_title(f"Linformer k={k}: scores are {n} x {k}\n({k / n:.0%} of the N x N matrix)", fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("key j (or projected key)")
+    axes[0].set_ylabel("query i")
+    fig.tight_layout()
+    return fig
+
+
+__all__ = [
+    "ALL_METHODS", "zoo_methods", "measure_zoo", "crossover_n", "zoo_errors", "plot_zoo_scaling", "plot_masks",
+    "sliding_window_computed", "plot_efficient_patterns",
+]
