@@ -413,7 +413,7 @@ _OPERATOR_CODES = {"+": 0, "-": 1, "*": 2}
 _HOLE = -1
 
 
-def expression_key(expression: str, max_operand: int = 50) -> int:
+def expression_key(expression: str) -> int:
     """A unique integer for a :func:`complex_expression` / :func:`simple_expression` string (its structure).
 
     The key encodes (number of operators, parenthesis pattern, operands, operators), so two expressions share a
@@ -428,16 +428,20 @@ def expression_key(expression: str, max_operand: int = 50) -> int:
     pattern = 1 if tokens[0] == "(" else (2 if "(" in tokens else 0)
     nums = [int(t) for t in tokens if t.isdigit()]
     ops = [_OPERATOR_CODES[t] for t in tokens if t in _OPERATOR_CODES]
-    if len(nums) not in (2, 3) or len(ops) != len(nums) - 1 or max(nums) > max_operand:
-        raise ValueError(f"expression {expression!r} has an unexpected shape for max_operand={max_operand}")
+    if len(nums) not in (2, 3) or len(ops) != len(nums) - 1 or max(nums) >= _KEY_RADIX:
+        raise ValueError(f"expression {expression!r}: expected 2 or 3 operands below {_KEY_RADIX}")
     if len(nums) == 2:
         nums, ops, pattern, two = nums + [0], ops + [0], 0, 0
     else:
         two = 1
-    return _key(two, pattern, *nums, *ops, max_operand + 1)
+    return _key(two, pattern, *nums, *ops)
 
 
-def _key(two, pattern, a, b, c, op1, op2, m):
+_KEY_RADIX = 1000  # operands below 1000; the key does not depend on max_operand, so curricula can change it
+
+
+def _key(two, pattern, a, b, c, op1, op2):
+    m = _KEY_RADIX
     return (((((two * 3 + pattern) * m + a) * m + b) * m + c) * 3 + op1) * 3 + op2
 
 
@@ -486,7 +490,7 @@ def sample_problem_tensors(
     no_parens = torch.where((op2 == 2) & (op1 != 2), right, left)  # '*' binds tighter; otherwise left to right
     value = torch.where(pattern == 0, no_parens, torch.where(pattern == 1, left, right))
     value = torch.where(two, value, _apply(a, op1, b))
-    keys = _key(two.long(), pattern, a, b, c, op1, op2, max_operand + 1)
+    keys = _key(two.long(), pattern, a, b, c, op1, op2)
     if exclude_keys is not None and exclude_keys.numel():
         keep = ~torch.isin(keys, exclude_keys.to(dev))
         a, b, c, op1, op2, pattern, two, value, keys = (t[keep] for t in (a, b, c, op1, op2, pattern, two, value, keys))

@@ -46,6 +46,8 @@ __all__ = [
     "error_breakdown",
     "train_arithmetic",
     "attention_maps",
+    "plot_attention_maps",
+    "load_trained_model",
     "main",
 ]
 
@@ -193,7 +195,13 @@ def error_breakdown(records: Sequence[dict[str, Any]], by: str) -> list[dict[str
     groups: dict[str, list[bool]] = {}
     for r in records:
         groups.setdefault(r[by], []).append(r["correct"])
-    return [{by: key, "n": len(v), "accuracy": sum(v) / len(v)} for key, v in sorted(groups.items())]
+    order = _CATEGORY_ORDER.get(by, [])
+    keys = sorted(groups, key=lambda k: (order.index(k) if k in order else len(order), k))
+    return [{by: key, "n": len(groups[key]), "accuracy": sum(groups[key]) / len(groups[key])} for key in keys]
+
+
+_CATEGORY_ORDER = {"answer_magnitude": ["<10", "<100", "<1,000", "<10,000", ">=10,000"],
+                   "parentheses": ["none", "(a op b) op c", "a op (b op c)"]}
 
 
 def train_arithmetic(run: RunConfig, val: Sequence[Problem], test: Sequence[Problem] | None = None,
@@ -264,17 +272,54 @@ def attention_maps(model: Phi3ForCausalLM, problem: Problem, tokenizer: Arithmet
     return tokenizer.tokenize(text), tuple(a[0].float().cpu() for a in out.attentions), answer
 
 
-def calibrate_steps(run: RunConfig, seconds: float, val: Sequence[Problem], device: torch.device,
-                    probe_steps: int = 60) -> int:
-    """How many optimizer steps of ``run`` fit in ``seconds`` on ``device`` (measured with a throwaway model).
+def load_trained_model(path: str | None = None) -> tuple[Phi3ForCausalLM, RunConfig]:
+    """The model saved by ``--part final`` (default ``results/phi3_arithmetic_model.pt``), in eval mode on the CPU."""
+    from dldna.results import results_dir
 
-    Includes the training loop's own overhead and the periodic evaluation (estimated at 10 evaluations).
+    path = path or str(results_dir() / "phi3_arithmetic_model.pt")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = Phi3ForCausalLM(Phi3Config(**saved["config"]))
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), RunConfig(**saved["run"])
+
+
+def plot_attention_maps(tokens: Sequence[str], attentions: Sequence[torch.Tensor], title: str = ""):
+    """Grid of attention heat maps (rows: layers, columns: heads); query tokens down, key tokens across.
+
+    ``attentions[layer]`` is ``(heads, T, T)`` as returned by :func:`attention_maps`. Returns the figure.
     """
+    import matplotlib.pyplot as plt
+
+    n_layers, n_heads = len(attentions), attentions[0].shape[0]
+    fig, axes = plt.subplots(n_layers, n_heads, figsize=(2.1 * n_heads, 2.1 * n_layers), squeeze=False)
+    labels = ["eos" if t == "<eos>" else t for t in tokens]
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            ax = axes[layer][head]
+            ax.imshow(attentions[layer][head].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_xticks(range(len(labels)), labels, fontsize=6)
+            ax.set_yticks(range(len(labels)), labels, fontsize=6)
+            ax.set_title(f"layer {layer} head {head}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def calibrate_steps(run: RunConfig, seconds: float, val: Sequence[Problem], device: torch.device,
+                    probe_steps: int = 100) -> int:
+    """How many optimizer steps of ``run`` fit in ``seconds`` on ``device`` (measured with throwaway models).
+
+    A first short probe warms up (CUDA context, kernels, allocator); the second, timed one includes the training
+    loop's own overhead and two evaluations. A 10 % margin is kept. (The first GPU run of this script timed a
+    single cold probe, over-estimated the step time six-fold and trained six times too briefly.)
+    """
+    fixed = None if run.data == "stream" else _FIXED_CACHE["train"]
+    warm = replace(run, steps=20, eval_every=10, warmup_steps=0, n_eval=50)
+    train_arithmetic(warm, val, None, fixed_train=fixed, device=device, progress=False)
     probe = replace(run, steps=probe_steps, eval_every=probe_steps // 2, warmup_steps=0)
-    _, summary = train_arithmetic(probe, val, None, fixed_train=None if run.data == "stream" else
-                                  _FIXED_CACHE["train"], device=device, progress=False)
-    per_step = summary["train_seconds"] / probe_steps  # warm-up and 2 evaluations included: conservative
-    return max(100, int(seconds / per_step))
+    _, summary = train_arithmetic(probe, val, None, fixed_train=fixed, device=device, progress=False)
+    per_step = summary["train_seconds"] / probe_steps
+    return max(100, int(0.9 * seconds / per_step))
 
 
 _FIXED_CACHE: dict[str, list[Problem]] = {}
