@@ -64,6 +64,10 @@ class LayerCache:
         """Bytes held by this layer's cached tensors."""
         return 0 if self.tensors is None else sum(t.numel() * t.element_size() for t in self.tensors)
 
+    def __repr__(self) -> str:
+        shapes = [] if self.tensors is None else [tuple(t.shape) for t in self.tensors]
+        return f"LayerCache(seq_len={self.seq_len}, shapes={shapes}, bytes={self.nbytes()})"
+
 
 def cache_nbytes(caches) -> int:
     """Bytes held by a list of ``LayerCache`` (``None`` entries, i.e. CLA layers without their own K/V, hold 0)."""
@@ -466,6 +470,24 @@ def kv_cache_table(seq_len: int = 4096, batch: int = 1, dtype_bytes: int = 2, mo
     return rows
 
 
+def plot_kv_table(rows: list[dict]):
+    """Horizontal bars of KV-cache bytes per token (log scale) for ``kv_cache_table`` rows; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1))
+    names = [f"{r['model']} ({r['kind']})" for r in rows]
+    values = [r["bytes_per_token"] / 1024 for r in rows]
+    ax.barh(names, values, color=[f"C{i}" for i in range(len(rows))])
+    for i, value in enumerate(values):
+        ax.text(value, i, f" {value:,.0f} KiB", va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set(xlabel="KV cache per token, all layers (KiB, bf16)", title="What one token costs to remember")
+    ax.margins(x=0.25)
+    fig.tight_layout()
+    return fig
+
+
 def allocated_cache_bytes(config: KVDecoderConfig, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.float16,
                           seed: int = 0) -> int:
     """Build ``TinyDecoder(config)`` in ``dtype``, prefill ``seq_len`` random tokens and return the cache's bytes.
@@ -505,5 +527,5 @@ def next_token_loss(model: TinyDecoder, batch: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "LayerCache", "cache_nbytes", "MultiHeadAttention", "MultiHeadLatentAttention", "KVDecoderConfig", "TinyDecoder",
     "matched_intermediate_size", "kv_cache_bytes", "mla_kv_cache_bytes", "REAL_MODELS", "model_kv_bytes",
-    "kv_cache_table", "allocated_cache_bytes", "greedy_decode", "next_token_loss",
+    "kv_cache_table", "plot_kv_table", "allocated_cache_bytes", "greedy_decode", "next_token_loss",
 ]

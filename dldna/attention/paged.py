@@ -485,16 +485,16 @@ def plot_serving(results: list[ServingResult]):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for res in results:
+    for i, res in enumerate(results):
         lat = np.sort(res.latency)
-        axes[0].plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=res.policy)
+        axes[0].plot(lat, np.arange(1, len(lat) + 1) / len(lat), color=f"C{i}", label=res.policy)
         t = res.timeline
-        axes[2].plot(t["time"], t["reserved_slots"], label=f"{res.policy}: reserved", lw=1)
-        axes[2].plot(t["time"], t["used_slots"], ls="--", lw=1, label=f"{res.policy}: holding tokens")
+        axes[2].plot(t["time"], t["reserved_slots"], color=f"C{i}", lw=1, label=f"{res.policy}: reserved")
+        axes[2].plot(t["time"], t["used_slots"], color=f"C{i}", ls=":", lw=1.2, label=f"{res.policy}: holding tokens")
     axes[0].set(xlabel="latency (s)", ylabel="fraction of requests", title="request latency (CDF)")
     axes[0].legend()
     names = [r.policy for r in results]
-    axes[1].bar(names, [r.throughput for r in results], color=["C0", "C1", "C2"][:len(results)])
+    axes[1].bar(names, [r.throughput for r in results], color=[f"C{i}" for i in range(len(results))])
     for i, r in enumerate(results):
         axes[1].text(i, r.throughput, f"{r.throughput:.0f}\nwaste {r.waste():.0%}", ha="center", va="bottom")
     axes[1].set(ylabel="generated tokens / s", title="throughput (KV waste)")
@@ -505,5 +505,61 @@ def plot_serving(results: list[ServingResult]):
     return fig
 
 
+def serving_sweep(rates, policies=POLICIES, n_requests: int = 300, seed: int = 0, trace_kwargs: dict | None = None,
+                  **sim_kwargs) -> list[dict]:
+    """``simulate_serving`` summaries for every arrival ``rate`` (requests/s) and policy, on seeded traces."""
+    rows = []
+    for rate in rates:
+        trace = synthetic_trace(n_requests, rate=rate, seed=seed, **(trace_kwargs or {}))
+        for policy in policies:
+            rows.append(dict(rate=rate, **simulate_serving(trace, policy, **sim_kwargs).summary()))
+    return rows
+
+
+def plot_serving_sweep(rows: list[dict]):
+    """Throughput and median / p99 latency against the request rate, one line per policy; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for i, policy in enumerate(dict.fromkeys(r["policy"] for r in rows)):
+        mine = [r for r in rows if r["policy"] == policy]
+        rates = [r["rate"] for r in mine]
+        axes[0].plot(rates, [r["throughput_tok_s"] for r in mine], "o-", color=f"C{i}", label=policy)
+        axes[1].plot(rates, [r["latency_p50_s"] for r in mine], "o-", color=f"C{i}", label=f"{policy} p50")
+        axes[1].plot(rates, [r["latency_p99_s"] for r in mine], "x--", color=f"C{i}", label=f"{policy} p99")
+    axes[0].set(xlabel="request rate (1/s)", ylabel="generated tokens / s", title="throughput")
+    axes[1].set(xlabel="request rate (1/s)", ylabel="latency (s)", title="request latency", yscale="log")
+    axes[0].legend()
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_block_tables(cache: PagedKVCache, seq_ids=None):
+    """The block pool as a grid: row = sequence, column = physical block, label = logical block index.
+
+    A column used by several rows is a block shared after ``fork``. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    seq_ids = list(cache.block_tables) if seq_ids is None else list(seq_ids)
+    n_blocks = cache.allocator.num_blocks
+    grid = np.zeros((len(seq_ids), n_blocks))
+    fig, ax = plt.subplots(figsize=(min(12, 1 + 0.45 * n_blocks), 0.6 + 0.45 * len(seq_ids)))
+    for row, sid in enumerate(seq_ids):
+        length = cache.seq_lens[sid]
+        for logical, block in enumerate(cache.block_tables[sid]):
+            fill = min(cache.block_size, length - logical * cache.block_size) / cache.block_size
+            grid[row, block] = fill
+            ax.text(block, row, str(logical), ha="center", va="center", fontsize=8)
+    ax.imshow(grid, cmap="Blues", vmin=0, vmax=1.6, aspect="auto")
+    ax.set_yticks(range(len(seq_ids)), [str(s) for s in seq_ids])
+    ax.set_xticks(range(n_blocks))
+    ax.set(xlabel="physical block (shade = fill)", ylabel="sequence", title="block tables (number = logical block)")
+    fig.tight_layout()
+    return fig
+
+
 __all__ = ["BlockAllocator", "PagedKVCache", "paged_attention", "Request", "synthetic_trace", "StepCost",
-           "ServingResult", "simulate_serving", "plot_serving", "POLICIES"]
+           "ServingResult", "simulate_serving", "plot_serving", "POLICIES", "serving_sweep", "plot_serving_sweep",
+           "plot_block_tables"]
