@@ -342,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--budget-s", type=float, default=100.0, help="training seconds for the whole part")
     parser.add_argument("--steps", type=int, default=None, help="fixed steps per run (skips calibration)")
     parser.add_argument("--batch-size", type=int, default=None, help="override every run's batch size")
+    parser.add_argument("--only", type=str, default=None, help="comma-separated indices of COMPARISON to run")
+    parser.add_argument("--tag", type=str, default="", help="suffix of the result and model file names")
     parser.add_argument("--out-dir", type=str, default=None, help="results folder (default: results/)")
     parser.add_argument("--device", type=str, default=None)
     args = parser.parse_args(argv)
@@ -354,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     val, test = split["val"], split["test"]
     _FIXED_CACHE["train"] = split["train"]
     runs = list(COMPARISON) if args.part == "comparison" else [FINAL]
+    if args.only and args.part == "comparison":
+        runs = [runs[int(i)] for i in args.only.split(",")]
     if args.batch_size:
         runs = [replace(r, batch_size=args.batch_size) for r in runs]
     steps = args.steps or calibrate_steps(runs[0], args.budget_s / len(runs), val, device)
@@ -374,8 +378,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data["test_records"] = records
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         torch.save({"config": model.config.to_dict(), "state_dict": state, "run": asdict(runs[0])},
-                   f"{out_dir}/phi3_arithmetic_model.pt")
-    save_result(f"phi3_arithmetic_{args.part}", data, "python -m dldna.experiments.arithmetic_lm " + argv_text,
+                   f"{out_dir}/phi3_arithmetic_model{args.tag}.pt")
+    save_result(f"phi3_arithmetic_{args.part}{args.tag}", data, "python -m dldna.experiments.arithmetic_lm " + argv_text,
                 out_dir=out_dir)
     return data
 
