@@ -68,6 +68,16 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu")
         peak = torch.cuda.max_memory_allocated(dev)
         del out
         return (peak - base) / MB
+    timeline = cpu_memory_timeline(fn)
+    return max((live for _, live in timeline), default=0) / MB
+
+
+def cpu_memory_timeline(fn: Callable[[], object]) -> list[tuple[int, int]]:
+    """Bytes held by PyTorch's CPU allocator over the run of ``fn()``, as ``[(time_ns, live_bytes), ...]``.
+
+    Replays every allocation (+size) and free (-size) that ``torch.profiler(profile_memory=True)`` records, in
+    time order, starting from 0 (memory allocated before the call is not counted).
+    """
     from torch.profiler import ProfilerActivity, profile
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # Kineto otherwise logs two lines to stderr per profile
@@ -85,11 +95,11 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str = "cpu")
                 allocations.append((event.start_time_ns, event.extra_fields.alloc_size))
     except (ImportError, AttributeError):  # private API moved: fall back to per-op self memory
         allocations = [(e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()]
-    running = peak = 0
-    for _, size in sorted(allocations, key=lambda a: a[0]):
-        running += size
-        peak = max(peak, running)
-    return peak / MB
+    timeline, live = [], 0
+    for time_ns, size in sorted(allocations, key=lambda a: a[0]):
+        live += size
+        timeline.append((time_ns, live))
+    return timeline
 
 
 def fit_loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
