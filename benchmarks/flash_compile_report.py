@@ -4,7 +4,7 @@ For every kernel and config: registers per thread and spill bytes (from ``ptxas 
 the tensor-core instructions are Hopper's warpgroup MMA (``wgmma`` in PTX, ``HGMMA`` in SASS) or the older
 ``mma.sync``. Runs on any machine with triton (the compiler ships ``ptxas``); no device time needed.
 
-    python benchmarks/flash_compile_report.py [--dtype bf16] [--head-dims 64 128] [--out report.json]
+    python benchmarks/flash_compile_report.py [--dtype bf16] [--head-dims 64 128]   # -> results/flash_compile_report.json
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import triton
@@ -46,8 +47,14 @@ def compile_one(fn, dtype, head_dim, cfg, flags):
     kind = fn.__name__
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=flags[0], HAS_HI=flags[1],
                       SPARSE=False)
+    if "USE_TMA" in fn.arg_names:
+        constexprs["USE_TMA"] = cfg.tma
     floats = {"qk_scale", "sm_scale"}
     sig, attrs = _signature(fn, dtype, constexprs, set(), floats)
+    if cfg.tma:  # Q, K, V, O are 4-D tensor descriptors
+        for name, rows in (("Q", cfg.block_m), ("K", cfg.block_n), ("V", cfg.block_n), ("O", cfg.block_m)):
+            sig[name] = f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}]>"
+            attrs.pop((fn.arg_names.index(name),), None)
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", 90, 32)
     kernel = triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
@@ -77,7 +84,8 @@ def main():
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--flags", default="causal", choices=["full", "causal", "window"])
     parser.add_argument("--kernels", nargs="+", default=["fwd", "dq", "dkdv"], choices=["fwd", "dq", "dkdv"])
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out-dir", default=None, help="save flash_compile_report.json here (default: results/)")
+    parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
     flags = {"full": (False, False), "causal": (False, True), "window": (True, True)}[args.flags]
     kernels = {"fwd": ft._attn_fwd, "dq": ft._attn_bwd_dq, "dkdv": ft._attn_bwd_dkdv}
@@ -94,9 +102,13 @@ def main():
                     info = {"kernel": fn.__name__, "head_dim": d, "config": repr(cfg), "error": repr(err)[:300]}
                 rows.append(info)
                 print(json.dumps(info), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"triton": triton.__version__, "rows": rows}, f, indent=1)
+    if not args.no_save:
+        from dldna.results import save_result
+
+        data = {"target": "sm_90a (H100/H200), compiled without a GPU", "flags": args.flags, "dtype": args.dtype,
+                "rows": rows}
+        command = "python benchmarks/flash_compile_report.py " + " ".join(sys.argv[1:])
+        print(save_result("flash_compile_report", data, command, out_dir=args.out_dir))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -68,15 +69,19 @@ def _block_range(start, BLOCK_ROWS: tl.constexpr, n_cols, BLOCK_COLS: tl.constex
 # ----------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k, band_lo, band_hi,
-               qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
-    """One step of the online softmax: fold key block [start_n, start_n + BLOCK_N) into (acc, l_i, m_i)."""
+               qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+               USE_TMA: tl.constexpr = False, b=0, hk=0):
+    """One step of the online softmax: fold key block [start_n, start_n + BLOCK_N) into (acc, l_i, m_i).
+
+    USE_TMA: ``K``/``V`` are 4-D tensor descriptors (the copy engine fetches the tile; rows past the end are zeros).
+    """
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
-    if MASKED:
-        k = tl.load(k_ptrs, mask=offs_n[:, None] < n_k, other=0.0)
+    if USE_TMA:
+        k = K.load([b, hk, start_n, 0]).reshape([BLOCK_N, q.shape[1]])
+    elif MASKED:
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=offs_n[:, None] < n_k, other=0.0)
     else:
-        k = tl.load(k_ptrs)
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :])
     qk = tl.dot(q, tl.trans(k))
     if MASKED:
         keep = _band_mask(offs_m, offs_n, n_k, band_lo, band_hi, HAS_LO, HAS_HI)
@@ -90,10 +95,12 @@ def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, of
     alpha = tl.math.exp2(m_i - m_ij)  # rescale what was accumulated against the old running max
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if MASKED:
-        v = tl.load(v_ptrs, mask=offs_n[:, None] < n_k, other=0.0)
+    if USE_TMA:
+        v = V.load([b, hk, start_n, 0]).reshape([BLOCK_N, q.shape[1]])
+    elif MASKED:
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=offs_n[:, None] < n_k, other=0.0)
     else:
-        v = tl.load(v_ptrs)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :])
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_ij
 
@@ -104,24 +111,31 @@ def _attn_fwd(Q, K, V, O, LSE, ROW_PTR, COL_IDX,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
               H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr):
+              HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr = False):
     """Grid (query blocks, B * H). Dense: the band's key blocks. SPARSE: the kept key blocks of this block row,
-    COL_IDX[ROW_PTR[m]:ROW_PTR[m + 1]] (CSR of the block layout; BLOCK_M == BLOCK_N)."""
+    COL_IDX[ROW_PTR[m]:ROW_PTR[m + 1]] (CSR of the block layout; BLOCK_M == BLOCK_N). USE_TMA (Hopper, dense):
+    Q, K, V, O are 4-D tensor descriptors with blocks (1, 1, rows, HEAD_DIM) instead of pointers."""
     # Query blocks in reverse order: under a causal mask the last blocks have the most work, start them first.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b32 = bh // H  # int32 indices for the tensor descriptors
+    h32 = bh % H
+    hk32 = h32 // GROUP
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
     hk = h // GROUP
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + hk * stride_kh
-    V += b * stride_vb + hk * stride_vh
-    O += b * stride_ob + h * stride_oh
     LSE += bh.to(tl.int64) * n_q
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < n_q, other=0.0)
+    if USE_TMA:
+        q = Q.load([b32, h32, start_m, 0]).reshape([BLOCK_M, HEAD_DIM])
+    else:
+        Q += b * stride_qb + h * stride_qh
+        K += b * stride_kb + hk * stride_kh
+        V += b * stride_vb + hk * stride_vh
+        O += b * stride_ob + h * stride_oh
+        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < n_q, other=0.0)
     # A finite floor instead of -inf keeps exp2(m_old - m_new) defined for rows that have seen no key yet.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -135,20 +149,24 @@ def _attn_fwd(Q, K, V, O, LSE, ROW_PTR, COL_IDX,
         lo, full_lo, full_hi, hi = _block_range(start_m, BLOCK_M, n_k, BLOCK_N, band_lo, band_hi, HAS_LO, HAS_HI)
         for start_n in range(lo, full_lo, BLOCK_N):  # left edge of a window: partly masked
             acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
-                                       band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI)
+                                       band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI, USE_TMA, b32, hk32)
         for start_n in range(full_lo, full_hi, BLOCK_N):  # the bulk: no mask, no bounds checks
             start_n = tl.multiple_of(start_n, BLOCK_N)
             acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
-                                       band_lo, band_hi, qk_scale, BLOCK_N, False, HAS_LO, HAS_HI)
+                                       band_lo, band_hi, qk_scale, BLOCK_N, False, HAS_LO, HAS_HI, USE_TMA, b32, hk32)
         for start_n in range(full_hi, hi, BLOCK_N):  # diagonal (causal) and the ragged tail: partly masked
             acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
-                                       band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI)
+                                       band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI, USE_TMA, b32, hk32)
     # Divide by the softmax sum; write O and the natural-log LSE (rows without keys: zeros and -inf).
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty),
-             mask=offs_m[:, None] < n_q)
+    out = acc / l_safe[:, None]
+    if USE_TMA:
+        O.store([b32, h32, start_m, 0], out.to(O.dtype).reshape([1, 1, BLOCK_M, HEAD_DIM]))  # rows past n_q: clipped
+    else:
+        tl.store(O + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=offs_m[:, None] < n_q)
     tl.store(LSE + offs_m, lse, mask=offs_m < n_q)
 
 
@@ -342,6 +360,7 @@ class KernelConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = False  # forward only: load/store tiles through tensor descriptors (Hopper's copy engine)
 
 
 def interpreting() -> bool:
@@ -356,9 +375,11 @@ def interpreting() -> bool:
 _GPU_CONFIGS = {
     "fwd": {
         64: [KernelConfig(128, 64, 4, 3), KernelConfig(128, 64, 4, 4), KernelConfig(128, 128, 8, 3),
-             KernelConfig(128, 128, 8, 4), KernelConfig(64, 64, 4, 4)],
+             KernelConfig(128, 128, 8, 4), KernelConfig(64, 64, 4, 4),
+             KernelConfig(128, 64, 4, 3, tma=True), KernelConfig(128, 128, 8, 3, tma=True)],
         128: [KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 4), KernelConfig(128, 128, 8, 2),
-              KernelConfig(128, 128, 8, 3), KernelConfig(64, 64, 4, 3)],
+              KernelConfig(128, 128, 8, 3), KernelConfig(64, 64, 4, 3),
+              KernelConfig(128, 64, 8, 3, tma=True), KernelConfig(128, 128, 8, 2, tma=True)],
     },
     "dq": {
         64: [KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 3), KernelConfig(128, 32, 4, 3),
@@ -400,10 +421,10 @@ def candidate_configs(kernel: str, head_dim: int) -> list[KernelConfig]:
     return _GPU_CONFIGS[kernel][64 if head_dim <= 64 else 128]
 
 
-def _pick_config(kernel: str, key: tuple, head_dim: int, launch) -> KernelConfig:
+def _pick_config(kernel: str, key: tuple, head_dim: int, launch, tma_ok: bool = False) -> KernelConfig:
     if kernel in _forced:
         return _forced[kernel]
-    configs = candidate_configs(kernel, head_dim)
+    configs = [c for c in candidate_configs(kernel, head_dim) if tma_ok or not c.tma]
     if len(configs) == 1:
         return configs[0]
     full_key = (kernel,) + key
@@ -449,23 +470,41 @@ def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None)
 
     def launch(cfg):
         grid = (triton.cdiv(n_q, cfg.block_m), b * h)
-        _attn_fwd[grid](q, k, v, o, lse, row_ptr, col_idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        tensors = (q, k, v, o)
+        if cfg.tma:
+            tensors = tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d])
+                            for t, rows in zip(tensors, (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)))
+        _attn_fwd[grid](*tensors, lse, row_ptr, col_idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                         h, h // n_kv, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E,
                         HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                         HAS_LO=band_lo is not None, HAS_HI=band_hi is not None, SPARSE=layout is not None,
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                        USE_TMA=cfg.tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if layout is not None:
         launch(_sparse_config(block, d))
         return o, lse
     key = (d, str(q.dtype), band_lo is not None, band_hi is not None, _pow2(n_q), _pow2(n_k), h // n_kv > 1)
-    launch(_pick_config("fwd", key, d, launch))
+    tma_ok = _tma_ok(q, k, v, o)
+    launch(_pick_config("fwd", key + (tma_ok,), d, launch, tma_ok=tma_ok))
     return o, lse
 
 
+def _tma_ok(*tensors) -> bool:
+    """Tensor descriptors need Hopper or newer, 16-byte aligned bases and 16-byte multiples as strides."""
+    if interpreting():
+        return True
+    if not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+               for t in tensors)
+
+
 def _sparse_config(block, head_dim):
-    warps = 8 if (block >= 128 and head_dim >= 128 and not interpreting()) else 4
-    return KernelConfig(block, block, warps, 1 if interpreting() else 3)
+    """Layout tiles are block x block; 128 x 128 tiles at D = 128 fit shared memory only two stages deep."""
+    if interpreting():
+        return KernelConfig(block, block, 4, 1)
+    big = block * head_dim >= 128 * 128
+    return KernelConfig(block, block, 8 if big else 4, 2 if big else 3)
 
 
 def _delta(o, do):
