@@ -44,12 +44,12 @@ class Recipe:
     """Training settings for one configuration (model size comes from ``EncoderConfig``)."""
 
     max_length: int = 128
-    mlm_steps: int = 3000            # 0 = no pretraining
-    mlm_time_budget_s: float = 30.0  # stop pretraining early when over this (GPU budget guard)
-    mlm_batch_size: int = 128
+    mlm_steps: int = 4000            # 0 = no pretraining
+    mlm_time_budget_s: float = 20.0  # fewer steps when a timing says 4000 would take longer (GPU budget guard)
+    mlm_batch_size: int = 256
     mlm_lr: float = 1e-3
     mlm_probability: float = 0.15
-    epochs: int = 10
+    epochs: int = 8
     batch_size: int = 64
     lr: float = 3e-4
     weight_decay: float = 0.01
@@ -353,9 +353,14 @@ def tfidf_baseline(train_texts, train_labels, val_texts, val_labels, test_texts,
 # ------------------------------------------------------------------------------------------------- driver
 def run_all(recipe: Recipe | None = None, size: dict | None = None, device: torch.device | str | None = None,
             limit_train: int | None = None, limit_test: int | None = None, versions=("v1", "v2"),
-            tokenizers=TOKENIZERS, extrapolation_length: int = 256, ckpt_bench: tuple[int, int] = (64, 512),
-            progress: bool = False, log=print) -> dict:
-    """Train and test every configuration; returns a JSON-serialisable dict (see the module docstring)."""
+            tokenizers=TOKENIZERS, extrapolation_length: int = 256, ckpt_bench: tuple[int, int] | None = (64, 512),
+            baseline: bool = True, no_mlm_ablation: tuple[str, ...] = (), progress: bool = False, log=print,
+            on_update=None) -> dict:
+    """Train and test every configuration; returns a JSON-serialisable dict (see the module docstring).
+
+    ``on_update(result)`` is called after every run (to save partial results). ``no_mlm_ablation`` names runs (e.g. ``"v2-bert-base-uncased"``) to fine-tune a second time from a random
+    initialisation, to measure what the MLM warm start buys (``result["ablation_no_mlm"]``).
+    """
     recipe = recipe or Recipe()
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t_start = time.perf_counter()
@@ -365,11 +370,13 @@ def run_all(recipe: Recipe | None = None, size: dict | None = None, device: torc
     result = {"train_source": train_all.source, "test_source": test.source, "n_train": len(train_part),
               "n_val": len(val_part), "n_test": len(test), "recipe": asdict(recipe), "size": size or {},
               "classes": list(AG_NEWS_CLASSES), "runs": [], "device": str(dev)}
-    t0 = time.perf_counter()
-    result["baseline"] = tfidf_baseline(train_part.texts, train_part.labels, val_part.texts, val_part.labels,
-                                        test.texts, test.labels)
-    result["baseline"]["time_s"] = time.perf_counter() - t0
-    log(f"baseline: {[(r['model'], round(r['accuracy'], 2)) for r in result['baseline']['rows']]}")
+    if baseline:
+        t0 = time.perf_counter()
+        result["baseline"] = tfidf_baseline(train_part.texts, train_part.labels, val_part.texts, val_part.labels,
+                                            test.texts, test.labels)
+        result["baseline"]["time_s"] = time.perf_counter() - t0
+        log(f"baseline: {[(r['model'], round(r['accuracy'], 2)) for r in result['baseline']['rows']]}")
+    result["ablation_no_mlm"] = []
 
     all_test_logits, all_val_logits = {}, {}
     for tok_name in tokenizers:
@@ -406,6 +413,17 @@ def run_all(recipe: Recipe | None = None, size: dict | None = None, device: torc
                     predict_logits(model, long_test, recipe.eval_batch_size, dev), long_test.labels)["accuracy"],
             }
             result["runs"].append(run)
+            if name in no_mlm_ablation and recipe.mlm_steps > 0:
+                scratch, summary = finetune(enc_train, enc_val, cfg, recipe, dev, None, progress)
+                result["ablation_no_mlm"].append({"name": name, "finetune": summary, "val_accuracy": summary["val_accuracy"],
+                                                  "test": classification_metrics(
+                                                      predict_logits(scratch, enc_test, recipe.eval_batch_size, dev),
+                                                      enc_test.labels)})
+                log(f"{name} without MLM: val {summary['val_accuracy']:.2f} "
+                    f"test {result['ablation_no_mlm'][-1]['test']['accuracy']:.2f}")
+                del scratch
+            if on_update is not None:
+                on_update(result)
             log(f"{name}: val {run['val_accuracy']:.2f} test {run['test']['accuracy']:.2f} "
                 f"extrap {run['extrapolation']['accuracy_at_train_length']:.2f}->"
                 f"{run['extrapolation']['accuracy_at_long_length']:.2f} mlm {run.get('mlm', {}).get('time_s', 0):.1f}s "
@@ -421,9 +439,11 @@ def run_all(recipe: Recipe | None = None, size: dict | None = None, device: torc
     if ckpt_bench:
         cfg = model_config(tokenizers[0], "v2", size)
         result["checkpointing"] = checkpointing_benchmark(cfg, ckpt_bench[0], ckpt_bench[1], dev)
-    best = max(result["runs"], key=lambda r: r["val_accuracy"])
-    result["selected_on_val"] = {"name": best["name"], "test_accuracy": best["test"]["accuracy"]}
+    if result["runs"]:
+        best = max(result["runs"], key=lambda r: r["val_accuracy"])
+        result["selected_on_val"] = {"name": best["name"], "test_accuracy": best["test"]["accuracy"]}
     result["total_time_s"] = time.perf_counter() - t_start
+    result["complete"] = True
     return result
 
 
@@ -439,7 +459,11 @@ def results_table(result: dict) -> list[dict]:
         rows.append({"model": f"ensemble of the {len(e['members'])} encoders", "val_accuracy": e["val_accuracy"],
                      "test_accuracy": e["test"]["accuracy"],
                      **{f"test_{c}": a for c, a in zip(result["classes"], e["test"]["per_class"])}})
-    for b in result["baseline"]["rows"]:
+    for a in result.get("ablation_no_mlm", []):
+        rows.append({"model": f"{a['name']} without MLM warm start", "val_accuracy": a["val_accuracy"],
+                     "test_accuracy": a["test"]["accuracy"],
+                     **{f"test_{c}": x for c, x in zip(result["classes"], a["test"]["per_class"])}})
+    for b in result.get("baseline", {}).get("rows", []):
         rows.append({"model": b["model"], "val_accuracy": b["val_accuracy"], "test_accuracy": b["accuracy"],
                      **{f"test_{c}": a for c, a in zip(result["classes"], b["per_class"])}})
     return rows
@@ -452,6 +476,9 @@ def main(argv=None) -> None:
     parser.add_argument("--mlm-steps", type=int, default=None)
     parser.add_argument("--mlm-time-budget", type=float, default=None)
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the TF-IDF baseline (run it on a CPU)")
+    parser.add_argument("--ablate", nargs="*", default=[], help="runs to repeat without MLM, e.g. v2-bert-base-uncased")
+    parser.add_argument("--only-baseline", action="store_true", help="only the TF-IDF baseline (CPU)")
     args = parser.parse_args(argv)
     from dldna.results import save_result
 
@@ -460,17 +487,27 @@ def main(argv=None) -> None:
                               ("epochs", args.epochs)):
         if value is not None:
             recipe = replace(recipe, **{field_name: value})
-    kwargs = {}
+    kwargs = dict(baseline=not args.no_baseline, no_mlm_ablation=tuple(args.ablate))
+    if args.only_baseline:
+        kwargs.update(versions=(), tokenizers=(), ckpt_bench=None)
     if args.tiny:
-        kwargs = dict(size=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+        kwargs.update(size=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
                       limit_train=400, limit_test=200, ckpt_bench=(4, 64), extrapolation_length=64)
-    result = run_all(recipe, **kwargs)
-    command = "python -m dldna.models.encoder_experiments" + (" --tiny" if args.tiny else "")
-    for field_name, value in (("--mlm-steps", args.mlm_steps), ("--mlm-time-budget", args.mlm_time_budget),
-                              ("--epochs", args.epochs)):
-        if value is not None:
-            command += f" {field_name} {value}"
-    path = save_result("encoder_agnews" + ("_tiny" if args.tiny else ""), result, command, out_dir=args.out)
+    import sys
+
+    name = "encoder_agnews" + ("_baseline" if args.only_baseline else "") + ("_tiny" if args.tiny else "")
+
+    def save_partial(partial):
+        save_result(name + "_partial", {**partial, "complete": False}, "partial", out_dir=args.out)
+
+    result = run_all(recipe, on_update=save_partial if args.out else None, log=lambda *a: print(*a, flush=True), **kwargs)
+
+    shown = list(argv if argv is not None else sys.argv[1:])
+    if "--out" in shown:  # the output folder is not part of what was measured
+        i = shown.index("--out")
+        del shown[i : i + 2]
+    command = "python -m dldna.models.encoder_experiments " + " ".join(shown)
+    path = save_result(name, result, command.strip(), out_dir=args.out)
     print(f"wrote {path}")
     for row in results_table(result):
         print(f"{row['model']:<55} val {row['val_accuracy']:6.2f}  test {row['test_accuracy']:6.2f}")
