@@ -8,9 +8,9 @@ The printed chapter reported "80 % accuracy" on 10 samples drawn from its traini
 * learnability choices (answer digit order, fresh data vs a fixed set, an operand curriculum) are compared at
   equal model size and step budget (:data:`COMPARISON`).
 
-``python -m dldna.experiments.arithmetic_lm`` runs the full comparison (about two minutes on one H100) and writes
-``results/phi3_arithmetic.json`` plus the best model's weights ``results/phi3_arithmetic_model.pt``; chapter 11
-loads both. The same functions run the chapter's CPU-sized demo in fast mode. Used in chapter 11.
+``python -m dldna.experiments.arithmetic_lm --part comparison`` runs the comparison and ``--part final`` the final
+recipe (see :func:`main`); they write ``results/phi3_arithmetic_<part><tag>.json`` and the final model's weights
+``results/phi3_arithmetic_model<tag>.pt``, which chapter 11 loads. The same functions run the chapter's CPU-sized demo in fast mode. Used in chapter 11.
 """
 from __future__ import annotations
 
@@ -273,10 +273,13 @@ def attention_maps(model: Phi3ForCausalLM, problem: Problem, tokenizer: Arithmet
 
 
 def load_trained_model(path: str | None = None) -> tuple[Phi3ForCausalLM, RunConfig]:
-    """The model saved by ``--part final`` (default ``results/phi3_arithmetic_model.pt``), in eval mode on the CPU."""
+    """A model saved by ``--part final``, in eval mode on the CPU.
+
+    Default: ``results/phi3_arithmetic_model_v2.pt``, chapter 11's best run (``--part final --steps 3000 --tag _v2``).
+    """
     from dldna.results import results_dir
 
-    path = path or str(results_dir() / "phi3_arithmetic_model.pt")
+    path = path or str(results_dir() / "phi3_arithmetic_model_v2.pt")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model = Phi3ForCausalLM(Phi3Config(**saved["config"]))
     model.load_state_dict(saved["state_dict"])
