@@ -248,3 +248,33 @@ def test_argument_validation():
         block_sparse_flash_attention(q, q, q, torch.ones(3, 3, dtype=torch.bool), 4)
     with pytest.raises(TypeError, match="layout"):
         block_sparse_flash_attention(q, q, q, torch.ones(2, 2), 4)
+
+
+# ------------------------------------------------------------------------- chapter helpers
+def test_block_schedule_skips_and_masks_the_right_tiles():
+    from dldna.kernels.tiled import block_schedule
+
+    plan = block_schedule(96, 96, 32, 32, causal=True)
+    assert plan.tolist() == [[1, 0, 0], [2, 1, 0], [2, 2, 1]]  # diagonal masked, below full, above skipped
+    window = block_schedule(256, 256, 32, 32, causal=True, window=70)
+    assert (window.sum(dim=1)[3:] == window.sum(dim=1)[3]).all()  # constant work per row: O(N * window)
+    allowed = _mask(256, 256, True, 70).reshape(8, 32, 8, 32).any(dim=3).any(dim=1)
+    assert torch.equal(window > 0, allowed)  # visited exactly the tiles holding an allowed pair
+
+
+def test_report_helpers_on_a_synthetic_record():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dldna.kernels.report import benchmark_table, plot_benchmark, targets_table
+
+    rows = [{"mask": "causal", "head_dim": 64, "n": n, "pass": p, "impl": impl, "ms": ms, "tflops": 100 / ms}
+            for n in (1024, 4096) for p in ("fwd", "fwd+bwd") for impl, ms in (("dldna", 1.0), ("flex", 2.0))]
+    rows.append({"mask": "causal", "head_dim": 64, "n": 4096, "pass": "fwd", "impl": "sdpa_cudnn", "error": "x"})
+    record = {"data": {"rows": rows, "targets": [{"target": "t", "measured": None, "bar": 1, "unit": "x",
+                                                  "met": False}]}}
+    table = benchmark_table(record)
+    assert "2.00x" in table and "error" in table  # dldna twice as fast as the best peer (flex)
+    assert "MISSED t: not measured" in targets_table(record)
+    fig = plot_benchmark(record)
+    assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 4

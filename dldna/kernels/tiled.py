@@ -25,6 +25,7 @@ __all__ = [
     "online_softmax",
     "band_limits",
     "block_range",
+    "block_schedule",
     "tiled_attention_forward",
     "tiled_attention_backward",
     "tiled_flash_attention",
@@ -123,19 +124,40 @@ def block_range(start: int, block_rows: int, n_cols: int, block_cols: int, band:
     return lo, full_lo, full_hi, hi
 
 
-class IOCounter:
-    """Counts bytes a tiled algorithm moves between slow (HBM) and fast (SRAM) memory; see ``hbm_bytes_*``."""
+def block_schedule(n_q: int, n_k: int, block_m: int, block_n: int, causal: bool = False,
+                   window: int | None = None) -> torch.Tensor:
+    """What the kernels do with each (query block, key block) tile: 0 skipped, 1 computed with a mask, 2 computed
+    without one. ``(ceil(n_q / block_m), ceil(n_k / block_n))`` int tensor, from ``block_range``."""
+    band = band_limits(n_q, n_k, causal, window)
+    plan = torch.zeros(-(-n_q // block_m), -(-n_k // block_n), dtype=torch.int64)
+    for r, start in enumerate(range(0, n_q, block_m)):
+        lo, full_lo, full_hi, hi = block_range(start, block_m, n_k, block_n, band)
+        for n0 in range(lo, hi, block_n):
+            plan[r, n0 // block_n] = 2 if full_lo <= n0 < full_hi else 1
+    return plan
 
-    def __init__(self) -> None:
+
+class IOCounter:
+    """Counts bytes a tiled algorithm moves between slow (HBM) and fast (SRAM) memory; see ``hbm_bytes_*``.
+
+    ``bytes_per_element`` counts every element at that size (e.g. 2 for fp16 while computing in fp32 on a CPU);
+    by default each tensor's own element size.
+    """
+
+    def __init__(self, bytes_per_element: int | None = None) -> None:
         self.read = 0
         self.written = 0
+        self.bytes_per_element = bytes_per_element
+
+    def _bytes(self, t: torch.Tensor) -> int:
+        return t.numel() * (self.bytes_per_element or t.element_size())
 
     def load(self, t: torch.Tensor) -> torch.Tensor:
-        self.read += t.numel() * t.element_size()
+        self.read += self._bytes(t)
         return t
 
     def store(self, t: torch.Tensor) -> torch.Tensor:
-        self.written += t.numel() * t.element_size()
+        self.written += self._bytes(t)
         return t
 
     @property
@@ -190,7 +212,9 @@ def tiled_attention_forward(
     cols_all = torch.arange(n_k, device=q.device)
     for start in range(0, n_q, block_m):
         rows = torch.arange(start, min(start + block_m, n_q), device=q.device)
-        q_blk = (io.load(qg[..., start : start + block_m, :]) if io else qg[..., start : start + block_m, :])
+        q_blk = qg[..., start : start + block_m, :]
+        if io is not None:
+            io.load(q_blk)
         q_blk = q_blk.to(acc_dtype)
         m = torch.full(q_blk.shape[:-1], -math.inf, dtype=acc_dtype, device=q.device)
         l = torch.zeros_like(m)
@@ -198,8 +222,9 @@ def tiled_attention_forward(
         lo, full_lo, full_hi, hi = block_range(start, block_m, n_k, block_n, band)
         for n0 in range(lo, hi, block_n):
             k_blk, v_blk = kg[..., n0 : n0 + block_n, :], vg[..., n0 : n0 + block_n, :]
-            if io:
-                io.load(k_blk), io.load(v_blk)
+            if io is not None:
+                io.load(k_blk)
+                io.load(v_blk)
             s = (q_blk @ k_blk.to(acc_dtype).transpose(-2, -1)) * scale
             if not full_lo <= n0 < full_hi:  # partly masked block: apply the band
                 s = s.masked_fill(~band.allowed(rows, cols_all[n0 : n0 + block_n]), -math.inf)
@@ -212,7 +237,9 @@ def tiled_attention_forward(
             m = m_new
         empty = l == 0
         out_blk = acc / torch.where(empty, torch.ones_like(l), l)[..., None]
-        out[..., start : start + block_m, :] = io.store(out_blk.to(q.dtype)) if io else out_blk.to(q.dtype)
+        out[..., start : start + block_m, :] = out_blk.to(q.dtype)
+        if io is not None:
+            io.store(out_blk.to(q.dtype))
         lse[..., start : start + block_m] = torch.where(empty, torch.full_like(m, -math.inf), m + torch.log(l))
     b, h = q.shape[:2]
     return out.reshape(b, h, n_q, -1), lse.reshape(b, h, n_q)

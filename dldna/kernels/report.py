@@ -1,0 +1,97 @@
+"""Tables and figures of the stored GPU results of chapter 5 (benchmark, GPU test matrix, compile report).
+
+Each function takes a record as written by ``dldna.results.save_result`` and returns text or a matplotlib figure
+(never shows it). Used in chapter 5.
+"""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+
+IMPLS = ("dldna", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex")
+LABELS = {"dldna": "dldna (Triton)", "sdpa_cudnn": "SDPA cuDNN", "sdpa_flash": "SDPA FlashAttention-2",
+          "sdpa_efficient": "SDPA mem-efficient", "flex": "FlexAttention"}
+
+
+def benchmark_table(record: dict) -> str:
+    """TFLOP/s of every implementation per (mask, head_dim, N, pass), and the speed ratio of dldna to the best peer."""
+    rows = record["data"]["rows"]
+    by = {(r["mask"], r["head_dim"], r["n"], r["pass"], r["impl"]): r for r in rows}
+    keys = sorted({(r["mask"], r["head_dim"], r["n"], r["pass"]) for r in rows})
+    lines = [f"{'mask':8} {'D':>4} {'N':>6} {'pass':8}" + "".join(f"{i:>16}" for i in IMPLS) + f"{'dldna/best':>12}"]
+    for key in keys:
+        cells, best_peer = [], None
+        for impl in IMPLS:
+            r = by.get(key + (impl,))
+            if r is None:
+                cells.append(f"{'-':>16}")
+            elif "tflops" not in r:
+                cells.append(f"{'error':>16}")
+            else:
+                cells.append(f"{r['tflops']:>11.0f} TF/s")
+                if impl != "dldna" and (best_peer is None or r["ms"] < best_peer):
+                    best_peer = r["ms"]
+        ours = by.get(key + ("dldna",))
+        ratio = f"{best_peer / ours['ms']:>11.2f}x" if best_peer and ours and "ms" in ours else f"{'':>12}"
+        lines.append(f"{key[0]:8} {key[1]:>4} {key[2]:>6} {key[3]:8}" + "".join(cells) + ratio)
+    return "\n".join(lines)
+
+
+def targets_table(record: dict) -> str:
+    """The issue's targets with the measured values, MET or MISSED."""
+    out = []
+    for t in record["data"]["targets"]:
+        value = "not measured" if t["measured"] is None else f"{t['measured']:.3g} {t['unit']}"
+        out.append(f"{'MET   ' if t['met'] else 'MISSED'} {t['target']}: {value} (bar {t['bar']})")
+    return "\n".join(out)
+
+
+def plot_benchmark(record: dict, passes=("fwd", "fwd+bwd")):
+    """TFLOP/s against N: one panel per (mask, head_dim), one line per implementation, solid fwd / dashed fwd+bwd."""
+    rows = [r for r in record["data"]["rows"] if "tflops" in r and r["mask"] in ("causal", "window")]
+    panels = sorted({(r["mask"], r["head_dim"]) for r in rows})
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.4), squeeze=False)
+    for ax, (mask, d) in zip(axes[0], panels):
+        for i, impl in enumerate(IMPLS):
+            for pass_name, style in zip(passes, ("-", "--")):
+                pts = sorted((r["n"], r["tflops"]) for r in rows
+                             if (r["mask"], r["head_dim"], r["impl"], r["pass"]) == (mask, d, impl, pass_name))
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", color=f"C{i}",
+                            label=LABELS[impl] if pass_name == passes[0] else None)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{mask}, head_dim {d}")
+        ax.set_xlabel("sequence length N")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("TFLOP/s (unmasked work)")
+    axes[0][-1].legend(fontsize=7, title="solid fwd, dashed fwd+bwd", title_fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def gpu_test_summary(record: dict) -> str:
+    """Cases passed, worst relative errors per dtype and the failures of the GPU correctness matrix."""
+    data = record["data"]
+    lines = [f"{data['passed']}/{data['cases']} cases passed; worst relative error (out, dq, dk, dv) per dtype:"]
+    lines += [f"  {dtype:9} {err:.2e}" for dtype, err in sorted(data["worst_relative_error"].items())]
+    for f in data["failed"]:
+        lines.append(f"FAILED {f['case']} {f['dtype']} {tuple(f['shape'])}: {f['error']}")
+    if data.get("note"):
+        lines.append(data["note"])
+    return "\n".join(lines)
+
+
+def compile_report_table(record: dict) -> str:
+    """Registers, spills, shared memory and wgmma count per kernel config, as compiled for sm_90a."""
+    lines = [f"{'kernel':16} {'D':>4} {'BM':>4} {'BN':>4} {'warps':>5} {'stages':>6} {'TMA':>4} {'regs':>5} "
+             f"{'spill B':>8} {'smem KiB':>9} {'wgmma':>6}"]
+    for r in record["data"]["rows"]:
+        if "error" in r:
+            lines.append(f"{r['kernel']:16} {r['head_dim']:>4} {r['config']}: {r['error'][:60]}")
+            continue
+        cfg = r["config"]
+        values = dict(part.split("=") for part in cfg[cfg.index("(") + 1 : -1].split(", "))
+        lines.append(f"{r['kernel'].replace('_attn_', ''):16} {r['head_dim']:>4} {values['block_m']:>4} "
+                     f"{values['block_n']:>4} {values['num_warps']:>5} {values['num_stages']:>6} "
+                     f"{'yes' if values.get('tma') == 'True' else 'no':>4} {r['registers']:>5} "
+                     f"{r['spill_store_bytes']:>8} {r['shared_bytes'] / 1024:>9.0f} {r['wgmma']:>6}")
+    return "\n".join(lines)
