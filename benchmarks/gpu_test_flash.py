@@ -180,13 +180,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--out", default="gpu_test.jsonl")
+    parser.add_argument("--only", nargs="+", choices=["matrix", "configs", "sparse"], default=None,
+                        help="run only these groups")
     args = parser.parse_args()
     if not SMOKE and not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU (or DLDNA_GPU_TEST_SMOKE=1 TRITON_INTERPRET=1 for a CPU smoke run)")
     t0 = time.time()
     rows = []
     with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(run_group, g): g for g in groups()}
+        todo = [g for g in groups() if args.only is None or g[0] in args.only]
+        futures = {pool.submit(run_group, g): g for g in todo}
         for fut in cf.as_completed(futures):
             try:
                 rows += fut.result()
