@@ -71,6 +71,15 @@ def _search_dirs() -> list[Path]:
     return dirs
 
 
+def result_file(filename: str) -> Path:
+    """Path of a stored artifact (e.g. trained weights ``phi3_arithmetic_model_v2.pt``) in the first results
+    folder that holds it (checkout, ``DLDNA_RESULTS_DIR`` or the pip-installed copy)."""
+    for folder in _search_dirs():
+        if (folder / filename).exists():
+            return folder / filename
+    raise FileNotFoundError(f"no stored file {filename!r} in {[str(d) for d in _search_dirs()]}")
+
+
 def load_result(name: str) -> dict:
     """Read ``<name>.json`` as written by ``save_result``; raises ``FileNotFoundError`` if no copy exists."""
     for folder in _search_dirs():

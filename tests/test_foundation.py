@@ -8,7 +8,7 @@ import torch
 from dldna import config
 from dldna.attention import attention, naive_attention
 from dldna.bench import fit_loglog_slope, growth_table, measure_attention_scaling, peak_memory_mb, time_fn
-from dldna.results import load_result, provenance, save_result
+from dldna.results import load_result, provenance, result_file, save_result
 
 
 def test_fast_picks_by_environment(monkeypatch):
@@ -112,6 +112,10 @@ def test_results_round_trip(tmp_path, monkeypatch):
     assert "python -m unit" in provenance(record)
     with pytest.raises(FileNotFoundError):
         load_result("does_not_exist")
+    (tmp_path / "weights.pt").write_bytes(b"x")
+    assert result_file("weights.pt") == tmp_path / "weights.pt"
+    with pytest.raises(FileNotFoundError):
+        result_file("missing.pt")
     with pytest.raises(ValueError, match="name"):
         save_result("a/b", {}, "cmd")
 
