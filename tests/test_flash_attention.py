@@ -278,3 +278,24 @@ def test_report_helpers_on_a_synthetic_record():
     assert "MISSED t: not measured" in targets_table(record)
     fig = plot_benchmark(record)
     assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 4
+
+
+def test_package_works_without_triton():
+    """``import dldna.kernels`` and ``flash_attention`` must work where triton is not installed (tiled fallback)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from dldna.kernels import flash_attention, triton_available\n"
+        "from dldna.attention import attention\n"
+        "q, k, v = (torch.randn(1, 2, 40, 16, dtype=torch.float64) for _ in range(3))\n"
+        "assert not triton_available('cpu') and not triton_available('cuda')\n"
+        "err = (flash_attention(q, k, v, causal=True) - attention(q, k, v, causal=True)).abs().max().item()\n"
+        "assert err < 1e-12, err\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
