@@ -14,3 +14,4 @@ from dldna.attention.ring import gather_sequence, merge_partials, ring_attention
 from dldna.attention.dilated import dilated_attention, longnet_mask
 from dldna.attention.hierarchical import hierarchical_attention
 from dldna.attention.recurrent_memory import RecallTask, RecurrentMemoryTransformer, RMTConfig
+from dldna.attention.lowrank import linformer_attention, linformer_projection, pooling_projection

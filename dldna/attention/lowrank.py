@@ -29,6 +29,21 @@ def linformer_projection(
     return (w / math.sqrt(k_proj)).to(device)
 
 
+def pooling_projection(k_proj: int, n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """A ``(k_proj, n)`` mean-pooling projection: row ``r`` averages the ``r``-th of ``k_proj`` near-equal segments.
+
+    Linformer (sec. 4) lists pooling as a parameter-free alternative to learned ``E``, ``F``; with ``k_proj = n``
+    it is the identity, so the error against full attention falls to zero.
+    """
+    k_proj, n = _int("k_proj", k_proj), _int("n", n)
+    if k_proj > n:
+        raise ValueError(f"k_proj ({k_proj}) must be <= n ({n})")
+    proj = torch.zeros(k_proj, n, dtype=dtype)
+    for row, segment in enumerate(torch.arange(n).tensor_split(k_proj)):
+        proj[row, segment] = 1.0 / len(segment)
+    return proj.to(device)
+
+
 def _check_projection(name: str, p, n: int, rows: int | None) -> None:
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(p).__name__}")
@@ -60,4 +75,4 @@ def linformer_attention(
     return attention(q, k_proj, v_proj, scale=scale)
 
 
-__all__ = ["linformer_projection", "linformer_attention"]
+__all__ = ["linformer_projection", "pooling_projection", "linformer_attention"]

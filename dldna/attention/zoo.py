@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from dldna.attention.linear import performer_attention, random_projection
 from dldna.attention.local import block_sparse_attention, sliding_window_attention
-from dldna.attention.lowrank import linformer_attention, linformer_projection
+from dldna.attention.lowrank import linformer_attention, linformer_projection, pooling_projection
 from dldna.attention.lsh import lsh_attention, random_rotations
 from dldna.attention.masks import _int, bigbird_block_layout, block_sparse_mask, sliding_window_mask
 from dldna.attention.reference import attention
@@ -196,7 +196,7 @@ def zoo_errors(
     with its own mask and (b) full attention (causal for the causal methods).
 
     Exact sparse methods have (a) ~1e-16 and (b) large (they drop pairs); approximations (Linformer, FAVOR+) are
-    compared with full attention only. ``n`` odd on purpose (block-sparse uses the largest multiple of
+    compared with full attention only (Linformer with mean-pooling ``E = F``). ``n`` odd on purpose (block-sparse uses the largest multiple of
     ``block_size`` below it).
     """
     gen = torch.Generator().manual_seed(seed)
@@ -216,8 +216,8 @@ def zoo_errors(
     bs = block_sparse_attention(qb, kb, vb, layout, block_size)
     out["block_sparse"] = {"vs_own_mask": err(bs, attention(qb, kb, vb, mask=block_sparse_mask(nb, block_size, layout))),
                            "vs_full": err(bs, attention(qb, kb, vb))}
-    e, f = (linformer_projection(k_proj, n, gen, dtype=torch.float64) for _ in range(2))
-    out["linformer"] = {"vs_full": err(linformer_attention(q, k, v, e, f), full)}
+    pool = pooling_projection(k_proj, n, dtype=torch.float64)
+    out["linformer"] = {"vs_full": err(linformer_attention(q, k, v, pool, pool), full)}
     out["performer"] = {"vs_full": err(performer_attention(q, k, v, num_features, generator=gen), full)}
     out["performer_causal"] = {"vs_full": err(performer_attention(q, k, v, num_features, True, generator=gen), full_causal)}
     n_buckets = max(2, 2 * round(n / lsh_chunk / 2))
@@ -226,30 +226,35 @@ def zoo_errors(
 
 
 def plot_zoo_scaling(result: dict, title: str = "", methods: Sequence[str] | None = None):
-    """Two log-log panels (time, peak memory) vs ``N``, one line per method, fitted slope in the legend; returns the figure."""
-    import matplotlib.pyplot as plt
+    """Log-log time and peak memory vs ``N`` per method (``dldna.plots.plot_loglog_scaling``, slopes over the four
+    largest lengths); returns the figure."""
+    from dldna.plots import plot_loglog_scaling
 
-    methods = list(methods or result["config"]["methods"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "time_s", "time (s)"), (axes[1], "peak_mb", "peak memory (MiB)")):
-        for name in methods:
-            pts = sorted((r["n"], r[key]) for r in result["records"] if r["method"] == name and r[key])
-            if not pts:
-                continue
-            slope = result["slopes"].get(name, {}).get("time" if key == "time_s" else "memory")
-            tag = f"{name} (slope {slope:.2f})" if slope is not None else name
-            ax.plot(*zip(*pts), marker="o", label=tag)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length N")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    series = {}
+    for name in methods or result["config"]["methods"]:
+        rows = [{"seq_len": r["n"], "seconds": r["time_s"] if r["time_s"] is not None else float("nan"),
+                 "peak_mb": r["peak_mb"] if r["peak_mb"] is not None else float("nan")}
+                for r in result["records"] if r["method"] == name]
+        series[name] = sorted(rows, key=lambda r: r["seq_len"])
     cfg = result["config"]
-    fig.suptitle(title or f"{cfg['device']}, {cfg['dtype']}, batch {cfg['batch']}, heads {cfg['heads']}, "
-                 f"head_dim {cfg['head_dim']}")
-    fig.tight_layout()
-    return fig
+    return plot_loglog_scaling(series, title=title or f"{cfg['device']}, {cfg['dtype']}, batch {cfg['batch']}, "
+                               f"heads {cfg['heads']}, head_dim {cfg['head_dim']}", fit_last=4)
+
+
+def zoo_table(result: dict, methods: Sequence[str] | None = None) -> str:
+    """Text table of time (ms) and peak memory (MiB) per method and ``N``, with fitted slopes."""
+    methods = list(methods or result["config"]["methods"])
+    lengths = sorted({r["n"] for r in result["records"]})
+    cell = {(r["method"], r["n"]): r for r in result["records"]}
+    lines = [f"{'method':>17} {'':>5} " + " ".join(f"{n:>9}" for n in lengths) + "   slope"]
+    for name in methods:
+        for key, unit, label in (("time_s", 1e3, "ms"), ("peak_mb", 1.0, "MiB")):
+            vals = [cell.get((name, n), {}).get(key) for n in lengths]
+            text = " ".join(f"{v * unit:9.2f}" if v is not None else f"{'-':>9}" for v in vals)
+            slope = result["slopes"].get(name, {}).get("time" if key == "time_s" else "memory")
+            lines.append(f"{name if key == 'time_s' else '':>17} {label:>5} {text}   "
+                         + (f"{slope:.2f}" if slope is not None else "-"))
+    return "\n".join(lines)
 
 
 def plot_masks(masks: dict, ncols: int = 4, size: float = 2.6):
@@ -319,6 +324,6 @@ def plot_efficient_patterns(n: int = 64, window: int = 8, block_size: int = 8, r
 
 
 __all__ = [
-    "ALL_METHODS", "zoo_methods", "measure_zoo", "crossover_n", "zoo_errors", "plot_zoo_scaling", "plot_masks",
+    "ALL_METHODS", "zoo_methods", "measure_zoo", "crossover_n", "zoo_errors", "plot_zoo_scaling", "zoo_table", "plot_masks",
     "sliding_window_computed", "plot_efficient_patterns",
 ]
