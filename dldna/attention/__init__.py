@@ -7,11 +7,10 @@ from dldna.attention.masks import (and_masks, bigbird_block_layout, bigbird_mask
 from dldna.attention.grouped import LayerCache, MultiHeadAttention, MultiHeadLatentAttention, KVDecoderConfig, TinyDecoder, cache_nbytes, kv_cache_bytes, kv_cache_table, mla_kv_cache_bytes
 from dldna.attention.paged import BlockAllocator, PagedKVCache, paged_attention, simulate_serving, synthetic_trace
 from dldna.attention.local import block_sparse_attention, sliding_window_attention
-from dldna.attention.lowrank import linformer_attention, linformer_projection
+from dldna.attention.lowrank import linformer_attention, linformer_projection, pooling_projection
 from dldna.attention.linear import elu_features, favor_features, linear_attention, orthogonal_random_matrix, performer_attention, random_projection
 from dldna.attention.lsh import collision_probability, lsh_attention, lsh_hash, lsh_mask, random_rotations
 from dldna.attention.ring import gather_sequence, merge_partials, ring_attention, ring_schedule, shard_sequence
 from dldna.attention.dilated import dilated_attention, longnet_mask
 from dldna.attention.hierarchical import hierarchical_attention
 from dldna.attention.recurrent_memory import RecallTask, RecurrentMemoryTransformer, RMTConfig
-from dldna.attention.lowrank import linformer_attention, linformer_projection, pooling_projection
