@@ -243,17 +243,21 @@ def test_block_sparse_equals_dense(b, hkv, rep, n_blocks, block_size, density, c
     assert (got - ref).abs().max() < 1e-10
 
 
-@pytest.mark.parametrize("pattern", ["bigbird", "longformer", "strided", "fixed"])
-def test_block_sparse_runs_the_named_block_patterns(pattern):
-    n_blocks, bs = 9, 3
+@SETTINGS
+@given(pattern=st.sampled_from(["bigbird", "longformer", "strided", "fixed"]), n_blocks=st.integers(1, 9),
+       bs=st.sampled_from([1, 2, 3]), width=st.integers(0, 4), extra=st.integers(0, 3), seed=st.integers(0, 1000),
+       data=st.data())
+def test_block_sparse_runs_the_named_block_patterns(pattern, n_blocks, bs, width, extra, seed, data):
+    glob = data.draw(st.lists(st.integers(0, n_blocks - 1), max_size=2))
+    stride = width + 1
     layout = {
-        "bigbird": lambda: M.bigbird_block_layout(n_blocks, 3, 1, 2, seed=5),
-        "longformer": lambda: M.longformer_block_layout(n_blocks, 1, [0, 4]),
-        "strided": lambda: M.strided_block_layout(n_blocks, 3),
-        "fixed": lambda: M.fixed_block_layout(n_blocks, 3, 1),
+        "bigbird": lambda: M.bigbird_block_layout(n_blocks, 2 * width + 1, min(extra, n_blocks), extra, seed=seed),
+        "longformer": lambda: M.longformer_block_layout(n_blocks, width, glob),
+        "strided": lambda: M.strided_block_layout(n_blocks, stride),
+        "fixed": lambda: M.fixed_block_layout(n_blocks, stride, min(extra + 1, stride)),
     }[pattern]()
     causal = pattern in ("strided", "fixed")
-    q, k, v = qkv(1, 3, n_blocks * bs, 5, seed=11)
+    q, k, v = qkv(1 + seed % 2, 3, n_blocks * bs, 5, seed=seed)
     mask = M.block_sparse_mask(n_blocks * bs, bs, layout) & (M.causal_mask(n_blocks * bs) if causal else True)
     got = block_sparse_attention(q, k, v, layout, bs, causal=causal)
     assert (got - attention(q, k, v, mask=mask)).abs().max() < 1e-10
