@@ -54,3 +54,60 @@ def plot_loglog_scaling(
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _smooth(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing moving average that ignores non-finite values (NaN where a window has none)."""
+    v = np.asarray(values, dtype=float)
+    if window <= 1 or len(v) < 2:
+        return v
+    ok = np.isfinite(v)
+    csum = np.cumsum(np.where(ok, v, 0.0))
+    ccount = np.cumsum(ok)
+    lo = np.maximum(np.arange(len(v)) - window, -1)
+    total = csum - np.where(lo >= 0, csum[np.maximum(lo, 0)], 0.0)
+    count = ccount - np.where(lo >= 0, ccount[np.maximum(lo, 0)], 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def plot_histories(histories: Mapping[str, Mapping], keys: Sequence[str] = ("loss", "eval_loss"), smooth: int = 1,
+                   logy: bool = False, ylim: tuple[float, float] | None = None, title: str | None = None,
+                   axes=None):
+    """Training curves from ``dldna.training.train`` histories: one panel per key, one line per run.
+
+    ``histories`` maps a label to a history dict (``step``, ``loss``, ``lr``, ``grad_norm``, ``eval_step``,
+    ``eval_*``). ``eval_*`` keys are plotted against ``eval_step``, others against ``step``; ``smooth`` is a
+    trailing moving-average window. A run that stopped on a non-finite loss is marked with an x where it
+    stopped. Returns the figure.
+    """
+    if axes is None:
+        fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.6), squeeze=False)
+        axes = axes[0]
+    else:
+        axes = np.atleast_1d(axes)
+        fig = axes[0].figure
+    for ax, key in zip(axes, keys):
+        for i, (label, hist) in enumerate(histories.items()):
+            if key not in hist or not len(hist[key]):
+                continue
+            xs = hist["eval_step"] if key.startswith("eval_") else hist["step"]
+            ys = hist[key] if key.startswith("eval_") else _smooth(hist[key], smooth)
+            ax.plot(xs[: len(ys)], ys, label=label, color=f"C{i}", marker="o" if key.startswith("eval_") else None,
+                    ms=3)
+            if hist.get("diverged") and not key.startswith("eval_"):
+                finite = [(x, y) for x, y in zip(xs, ys) if np.isfinite(y)]
+                if finite:
+                    ax.plot(*finite[-1], "x", color=f"C{i}", ms=10, mew=2)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(key.replace("_", " "))
+        if logy:
+            ax.set_yscale("log")
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
