@@ -168,6 +168,23 @@ def run_experiment(exp: ExperimentConfig | None = None, variants: list[str] | No
     return dict(config=asdict(exp), data_source=source, runs=runs, summary=summarize(runs))
 
 
+def combine_records(*records: dict) -> dict:
+    """Pool the runs of several stored results (e.g. seeds run separately; each run depends only on its seed).
+
+    Returns ``{"runs", "summary", "data_source", "provenance"}``; raises ``ValueError`` if the configs differ.
+    """
+    from dldna.results import provenance
+
+    if not records:
+        raise ValueError("records must hold at least one stored result")
+    configs = [{k: v for k, v in r["data"]["config"].items() if k != "seeds"} for r in records]
+    if any(c != configs[0] for c in configs):
+        raise ValueError("records must come from the same experiment config (seeds aside)")
+    runs = [run for r in records for run in r["data"]["runs"]]
+    return dict(runs=runs, summary=summarize(runs), data_source=records[0]["data"]["data_source"],
+                provenance=[provenance(r) for r in records])
+
+
 def plot_loss_vs_kv(result: dict):
     """Scatter of validation loss against KV bytes per token (one point per seed, the mean marked); returns the figure."""
     import matplotlib.pyplot as plt
@@ -211,6 +228,8 @@ def main(argv=None) -> None:
     from dldna.results import save_result
 
     name = "kv_variants_tiny" if args.tiny else "kv_variants"
+    if args.seeds and not args.tiny and tuple(args.seeds) != ExperimentConfig().seeds:
+        name += "_seeds" + "_".join(str(s) for s in args.seeds)
     command = "python -m dldna.experiments.kv_variants " + " ".join(sys.argv[1:] if argv is None else argv)
     print("saved", save_result(name, result, command.strip(), args.out_dir))
 
