@@ -1,0 +1,1 @@
+"""Printed example modules ``train_seq_num``, ``train_math`` and ``train_sql`` (chapter 10)."""

@@ -1,0 +1,1 @@
+"""Runnable examples built on the dldna package (``python -m dldna.examples.<name>``)."""
