@@ -179,3 +179,48 @@ def test_argument_validation():
         speculative_generate(target, draft, torch.tensor([[1, 2]]), 3, k=-1)
     with pytest.raises(ValueError):
         speculative_generate(target, BigramLM(torch.zeros(5, 5)), torch.tensor([[1, 2]]), 3, temperature=0)
+
+
+# ---------------------------------------------------------------- multi-token prediction (self-speculative)
+from dldna.models.generation import generate  # noqa: E402
+from dldna.models.mtp import MultiTokenPredictionLM, mtp_generate  # noqa: E402
+
+
+def test_mtp_loss_is_the_mean_of_shifted_head_losses():
+    torch.manual_seed(0)
+    model = MultiTokenPredictionLM(MistralConfig.tiny(), n_future=3)
+    ids = torch.randint(3, 128, (2, 9))
+    out = model(ids, labels=ids)
+    expected = [torch.nn.functional.cross_entropy(out.head_logits[i, :, :9 - 1 - i].reshape(-1, 128),
+                                                  ids[:, 1 + i:].reshape(-1)) for i in range(3)]
+    torch.testing.assert_close(out.head_losses, torch.stack(expected))
+    torch.testing.assert_close(out.loss, torch.stack(expected).mean())
+    torch.testing.assert_close(out.logits, model(ids).logits)  # head 1 is the model's next-token output
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3])
+def test_mtp_self_speculative_equals_greedy_on_a_random_model(heads):
+    torch.manual_seed(0)
+    model = MultiTokenPredictionLM(MistralConfig.tiny(initializer_range=0.2), n_future=3).double()
+    ids = torch.randint(3, 128, (1, 5))
+    out = mtp_generate(model, ids, 17, draft_heads=heads)
+    assert torch.equal(out.sequences, generate(model, ids, 17, temperature=0))
+
+
+def test_mtp_trained_on_counting_emits_several_tokens_per_forward():
+    torch.manual_seed(0)
+    vocab = 32
+    model = MultiTokenPredictionLM(MistralConfig.tiny(vocab_size=vocab, sliding_window=None), n_future=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        ids = (torch.randint(0, vocab, (16, 1)) + torch.arange(10)) % vocab
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.double()
+    prompt = torch.tensor([[3, 4, 5]])
+    out = mtp_generate(model, prompt, 12)
+    assert torch.equal(out.sequences, generate(model, prompt, 12, temperature=0))
+    assert out.sequences[0].tolist() == list(range(3, 18))  # it learned to count
+    assert out.tokens_per_target_call > 2.5  # 3 heads: up to 3 tokens per forward

@@ -10,3 +10,4 @@ from dldna.models.phi3 import Phi3Config, Phi3ForCausalLM, Phi3Model, Phi3Output
 from dldna.models.encoder import ClassifierOutput, Encoder, EncoderClassifier, EncoderConfig, EncoderForMaskedLM, mask_tokens
 from dldna.models.moe import MoEConfig, MoEForCausalLM, MoEModel, SparseMoeBlock, load_balancing_loss, moe_parameter_counts, router_z_loss
 from dldna.models.speculative import SpeculativeOutput, speculative_generate
+from dldna.models.mtp import MultiTokenPredictionLM, mtp_generate
