@@ -300,3 +300,56 @@ def test_mask_tokens_and_mlm_loss():
     out = mlm(masked, attn, labels)
     assert out.logits.shape == (int(chosen.sum()), 128)
     assert abs(out.loss.item() - torch.log(torch.tensor(128.0)).item()) < 1.0  # near-uniform at init
+
+
+# ---------------------------------------------------------------------------------------- printed-book facade
+def test_printed_facade_names_and_checkpoint_roundtrip(tmp_path):
+    from dldna.chapter_09.encoder import train_ag_news as printed
+    from dldna.chapter_09.encoder.efficient_encoder import TransformerEncoder as V1
+    from dldna.chapter_09.encoder.efficient_encoder_rope import TransformerConfig, TransformerEncoder as V2
+
+    assert callable(printed.train_and_test_all_versions) and printed.MAX_LENGTH == 128
+    cfg = TransformerConfig(**{k: v for k, v in EncoderConfig.tiny().to_dict().items() if k != "position"})
+    assert V1(cfg).config.position == "learned" and V2(cfg).config.position == "rope"
+    torch.manual_seed(0)
+    model = printed.EncoderClassifier(cfg, version="v1").eval()
+    ids = torch.randint(1, 128, (2, 7))
+    mask2d = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    logits = model(ids, attention_mask=mask2d[:, None, None, :].bool())  # the printed (B, 1, 1, T) mask
+    torch.testing.assert_close(logits, model(ids, mask2d.bool()))
+    assert logits.shape == (2, 4)
+    printed.save_model(model, model.config, "bert-base-uncased", "v1", path=str(tmp_path))
+    loaded, loaded_cfg = printed.load_model("bert-base-uncased", "v1", path=str(tmp_path))
+    assert loaded_cfg.position == "learned"
+    torch.testing.assert_close(loaded.eval()(ids, mask2d.bool()), logits)
+    with pytest.raises(ValueError, match="version"):
+        printed.EncoderClassifier(cfg, version="v3")
+
+
+@needs_bert
+def test_predict_news_returns_a_class():
+    from dldna.chapter_09.encoder import train_ag_news as printed
+
+    torch.manual_seed(0)
+    model = printed.EncoderClassifier(EncoderConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                    intermediate_size=64), version="v2")
+    out = printed.predict_news("Oil prices surge as OPEC cuts output", model, tokenizer_name="bert-base-uncased")
+    assert out["predicted_class"] in AG_NEWS_CLASSES and 0.25 <= out["confidence"] <= 1.0
+
+
+def test_concatenated_long_inputs_and_truncate():
+    from dldna.data.agnews import EncodedTexts
+    from dldna.models.encoder_experiments import concatenated_long_inputs, truncate
+
+    pytest.importorskip("tokenizers")
+    if not _have("tokenizers", "bert-base-uncased", "vocab.txt"):
+        pytest.skip("no local bert vocab")
+    ids = torch.tensor([[101, 5, 6, 102, 0], [101, 7, 8, 9, 102], [101, 10, 102, 0, 0]])
+    data = EncodedTexts(ids, torch.tensor([4, 5, 3]), torch.tensor([0, 1, 0]), 0, "bert-base-uncased", 5)
+    long = concatenated_long_inputs(data, "bert-base-uncased", length=6)
+    # row 0 + the other class-0 row (each row used once), row 1 alone in its class
+    assert long.input_ids[0].tolist() == [101, 5, 6, 10, 102, 0] and long.input_ids[2].tolist()[:5] == [101, 10, 5, 6, 102]
+    assert long.input_ids[1].tolist() == [101, 7, 8, 9, 102, 0] and long.lengths.tolist() == [5, 5, 5]
+    short = truncate(long, "bert-base-uncased", 4)
+    assert short.input_ids.tolist() == [[101, 5, 6, 102], [101, 7, 8, 102], [101, 10, 5, 102]]
+    assert short.lengths.tolist() == [4, 4, 4]

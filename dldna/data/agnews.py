@@ -220,23 +220,26 @@ def encode_texts(texts: list[str], labels: torch.Tensor, tokenizer, max_length: 
     pad_id = tokenizer.token_to_id(pad_token)
     if len(texts) == 0:
         raise ValueError("texts is empty")
-    tokenizer = _copy_tokenizer(tokenizer)
-    tokenizer.enable_truncation(max_length=max_length)
-    tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token, direction="right")  # pads to the longest row of the batch
-    encodings = tokenizer.encode_batch(list(texts))
+    saved_truncation, saved_padding = tokenizer.truncation, tokenizer.padding
+    try:
+        tokenizer.enable_truncation(max_length=max_length)
+        tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token, direction="right")  # to the longest row
+        encodings = tokenizer.encode_batch(list(texts))
+    finally:  # leave the caller's tokenizer as it was
+        if saved_truncation is None:
+            tokenizer.no_truncation()
+        else:
+            tokenizer.enable_truncation(**{k: v for k, v in saved_truncation.items() if k in ("max_length", "stride", "strategy", "direction")})
+        if saved_padding is None:
+            tokenizer.no_padding()
+        else:
+            tokenizer.enable_padding(**{k: v for k, v in saved_padding.items() if k in ("direction", "pad_id", "pad_type_id", "pad_token", "length", "pad_to_multiple_of")})
     ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
     lengths = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long).sum(1)
     out = EncodedTexts(ids, lengths, torch.as_tensor(labels, dtype=torch.long).clone(), pad_id, tokenizer_name, max_length)
     if key is not None:
         _ENCODE_CACHE[key] = out
     return out
-
-
-def _copy_tokenizer(tokenizer):
-    """A copy of a ``tokenizers.Tokenizer`` (so truncation settings do not leak into the caller's object)."""
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(tokenizer.to_str())
 
 
 def encode_ag_news(split: str, tokenizer_name: str, max_length: int = 128, limit: int | None = None) -> EncodedTexts:

@@ -212,6 +212,21 @@ def load_hf_tokenizer(name: str):
 
 def special_ids(name: str) -> dict[str, int | None]:
     """``{"pad", "unk", "cls", "sep", "eos", "mask"}`` -> id (None where the tokenizer has no such token)."""
+    return dict(_special_ids(name))
+
+
+def vocab_size(name: str) -> int:
+    """Number of ids of tokenizer ``name`` (30,522 for bert-base-uncased, 32,100 for t5-small)."""
+    return _vocab_size(name)
+
+
+@lru_cache(maxsize=8)
+def _vocab_size(name: str) -> int:
+    return load_tokenizer(name).get_vocab_size()
+
+
+@lru_cache(maxsize=8)
+def _special_ids(name: str) -> tuple:
     tok = load_tokenizer(name)
     names = {"pad": ("[PAD]", "<pad>"), "unk": ("[UNK]", "<unk>"), "cls": ("[CLS]",), "sep": ("[SEP]",),
              "eos": ("</s>",), "mask": ("[MASK]",)}
@@ -219,4 +234,4 @@ def special_ids(name: str) -> dict[str, int | None]:
     for key, candidates in names.items():
         ids = [tok.token_to_id(c) for c in candidates if tok.token_to_id(c) is not None]
         out[key] = ids[0] if ids else None
-    return out
+    return tuple(out.items())

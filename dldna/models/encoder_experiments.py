@@ -11,8 +11,9 @@ Protocol (every number says which data it used):
   fine-tuning checkpoint with the best validation accuracy is kept;
 * the TF-IDF + linear classifier baseline (scikit-learn) on the same rows, its n-gram range / classifier also
   chosen on validation;
-* length extrapolation: test articles of one class concatenated to 256 tokens and evaluated after training at
-  128 (learned positions have never seen positions >= 128; RoPE only sees relative offsets);
+* length extrapolation, after training at 128 tokens: (a) test articles of one class concatenated to 256 tokens,
+  read at 128 and at 256 tokens; (b) every test article read at positions 128 .. 255 instead of 0 .. 127
+  (same content, unseen positions: learned rows that were never trained, RoPE angles it never saw);
 * gradient checkpointing on/off: peak memory and step time of one training step.
 
 ``python -m dldna.models.encoder_experiments --out DIR`` runs everything and writes ``DIR/encoder_agnews.json``
@@ -31,7 +32,7 @@ import torch
 
 from dldna.config import seed_everything
 from dldna.data.agnews import AG_NEWS_CLASSES, BatchLoader, EncodedTexts, encode_texts, load_ag_news, train_val_split
-from dldna.data.tokenizers import load_tokenizer, special_ids
+from dldna.data.tokenizers import load_tokenizer, special_ids, vocab_size
 from dldna.models.encoder import EncoderClassifier, EncoderConfig, EncoderForMaskedLM, mask_tokens
 from dldna.training import cosine_with_warmup, make_adamw, train
 
@@ -44,12 +45,11 @@ class Recipe:
     """Training settings for one configuration (model size comes from ``EncoderConfig``)."""
 
     max_length: int = 128
-    mlm_steps: int = 4000            # 0 = no pretraining
-    mlm_time_budget_s: float = 20.0  # fewer steps when a timing says 4000 would take longer (GPU budget guard)
+    mlm_steps: int = 600             # 0 = no pretraining (600 x 256 rows = 13 passes over the 12k texts)
     mlm_batch_size: int = 256
     mlm_lr: float = 1e-3
     mlm_probability: float = 0.15
-    epochs: int = 8
+    epochs: int = 4
     batch_size: int = 64
     lr: float = 3e-4
     weight_decay: float = 0.01
@@ -73,8 +73,7 @@ def model_config(tokenizer_name: str, version: str, size: dict | None = None, **
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {tuple(VERSIONS)}, got {version!r}")
     ids = special_ids(tokenizer_name)
-    tok = load_tokenizer(tokenizer_name)
-    base = dict(vocab_size=tok.get_vocab_size(), pad_token_id=ids["pad"], position=VERSIONS[version], pooling="mean")
+    base = dict(vocab_size=vocab_size(tokenizer_name), pad_token_id=ids["pad"], position=VERSIONS[version], pooling="mean")
     base.update(size or {})
     base.update(overrides)
     return EncoderConfig(**base)
@@ -82,9 +81,10 @@ def model_config(tokenizer_name: str, version: str, size: dict | None = None, **
 
 def mask_token_id(tokenizer_name: str) -> int:
     """``[MASK]`` for BERT; T5 has no mask token, so its first sentinel ``<extra_id_0>`` plays that role."""
-    tok = load_tokenizer(tokenizer_name)
     ids = special_ids(tokenizer_name)
-    return ids["mask"] if ids["mask"] is not None else tok.token_to_id("<extra_id_0>")
+    if ids["mask"] is not None:
+        return ids["mask"]
+    return vocab_size(tokenizer_name) - 1  # <extra_id_0> = 32099, the last id (see dldna.data.tokenizers)
 
 
 def _special_list(tokenizer_name: str) -> list[int]:
@@ -94,8 +94,12 @@ def _special_list(tokenizer_name: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, data: EncodedTexts, batch_size: int = 512,
-                   device: torch.device | str | None = None, amp: bool = True) -> torch.Tensor:
-    """Logits ``(N, num_labels)`` in the order of ``data`` (float32, on CPU)."""
+                   device: torch.device | str | None = None, amp: bool = True, position_offset: int = 0) -> torch.Tensor:
+    """Logits ``(N, num_labels)`` in the order of ``data`` (float32, on CPU).
+
+    ``position_offset`` adds a constant to every position id (the text then sits at positions
+    ``offset .. offset + n - 1``), a length-extrapolation probe that keeps the content fixed.
+    """
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -104,8 +108,12 @@ def predict_logits(model: torch.nn.Module, data: EncodedTexts, batch_size: int =
     for i in range(0, len(data), batch_size):
         idx = order[i : i + batch_size]
         batch = data.batch(idx.to(data.input_ids.device))
+        mask = batch["attention_mask"].to(dev)
+        positions = None
+        if position_offset:
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0) + position_offset
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
-            logits = model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev)).logits
+            logits = model(batch["input_ids"].to(dev), mask, position_ids=positions).logits
         out[idx] = logits.float().cpu()
     model.train(was_training)
     return out
@@ -142,51 +150,21 @@ class MaskedBatches:
         return len(self.loader)
 
 
-def _calibrated_steps(model, loader, opt, wanted: int, budget_s: float, device: torch.device) -> int:
-    """``wanted`` steps, or fewer if a 10-step timing says they would take longer than ``budget_s`` seconds.
-    The timing runs on a deep copy of the model and optimizer, so training itself is unaffected."""
-    if budget_s <= 0 or not math.isfinite(budget_s):
-        return wanted
-    probe, probe_opt = copy.deepcopy(model), None
-    probe_opt = type(opt)(probe.parameters(), lr=1e-6)
-    it = iter(loader)
-    times = []
-    for _ in range(12):
-        batch = next(it, None)
-        if batch is None:
-            break
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = probe(**batch).loss
-        loss.backward()
-        probe_opt.step()
-        probe_opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    del probe, probe_opt
-    per_step = float(np.median(times[2:])) if len(times) > 3 else float(np.median(times))
-    return max(1, min(wanted, int(budget_s / per_step)))
-
-
 def pretrain_mlm(data: EncodedTexts, config: EncoderConfig, recipe: Recipe, tokenizer_name: str,
                  device: torch.device, progress: bool = False) -> tuple[dict, dict]:
-    """Masked-LM pretraining on ``data``'s texts; returns ``(encoder_state_dict, summary)``.
-
-    Runs ``recipe.mlm_steps`` steps, or fewer when a short timing shows they would exceed
-    ``recipe.mlm_time_budget_s`` (the summary records the steps actually run).
-    """
+    """Masked-LM pretraining on ``data``'s texts for ``recipe.mlm_steps`` steps; returns
+    ``(encoder_state_dict, summary)``."""
     seed_everything(recipe.seed)
     model = EncoderForMaskedLM(config).to(device)
     loader = MaskedBatches(data.to(device), recipe.mlm_batch_size, mask_token_id(tokenizer_name), config.vocab_size,
                            _special_list(tokenizer_name), recipe.mlm_probability, recipe.seed)
     opt = make_adamw(model, lr=recipe.mlm_lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
-    steps = _calibrated_steps(model, loader, opt, recipe.mlm_steps, recipe.mlm_time_budget_s, device)
+    steps = recipe.mlm_steps
     sched = cosine_with_warmup(opt, max(1, int(0.06 * steps)), steps, min_lr_ratio=0.1)
     hist = train(model, loader, opt, scheduler=sched, max_steps=steps, grad_clip=recipe.grad_clip,
                  amp_dtype="bf16", progress=progress, desc="mlm", count_tokens=lambda b: int(b["attention_mask"].sum()))
     losses = hist["loss"]
-    summary = {"steps": steps, "steps_wanted": recipe.mlm_steps, "epochs": steps / max(1, len(loader)),
+    summary = {"steps": steps, "epochs": steps / max(1, len(loader)),
                "time_s": hist["time_s"], "first_loss": float(np.mean(losses[:10])),
                "last_loss": float(np.mean(losses[-max(1, min(50, len(losses) // 5)):])), "tokens": hist["tokens"],
                "tokens_per_s": hist["tokens"] / hist["time_s"]}
@@ -283,8 +261,9 @@ def truncate(data: EncodedTexts, tokenizer_name: str, length: int) -> EncodedTex
 # ---------------------------------------------------------------------------------- gradient checkpointing
 def checkpointing_benchmark(config: EncoderConfig, batch_size: int, seq_len: int, device: torch.device,
                             repeats: int = 5) -> list[dict]:
-    """Peak memory (MiB) and time (ms) of one bf16 training step, gradient checkpointing off and on."""
-    from dldna.bench import time_fn
+    """Peak memory (MiB above the model and optimizer state, ``dldna.bench.peak_memory_mb``) and median time (ms)
+    of one training step (bf16 autocast on GPU), gradient checkpointing off and on."""
+    from dldna.bench import peak_memory_mb, time_fn
 
     rows = []
     for ckpt in (False, True):
@@ -306,13 +285,9 @@ def checkpointing_benchmark(config: EncoderConfig, batch_size: int, seq_len: int
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
+        step()  # creates the optimizer state, so the peak below is the step's own activations and gradients
+        peak = peak_memory_mb(step, device)
         seconds = time_fn(step, warmup=1, repeats=repeats, device=device)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else None
         rows.append({"gradient_checkpointing": ckpt, "batch_size": batch_size, "seq_len": seq_len,
                      "step_ms": seconds * 1e3, "peak_activation_mb": peak})
         del model, opt
@@ -320,7 +295,8 @@ def checkpointing_benchmark(config: EncoderConfig, batch_size: int, seq_len: int
 
 
 # ------------------------------------------------------------------------------------------ TF-IDF baseline
-def tfidf_baseline(train_texts, train_labels, val_texts, val_labels, test_texts, test_labels) -> dict:
+def tfidf_baseline(train_texts, train_labels, val_texts, val_labels, test_texts, test_labels,
+                   classifiers: tuple[str, ...] = ("LinearSVC", "LogisticRegression")) -> dict:
     """TF-IDF (unigrams or uni+bigrams, sublinear tf) + LinearSVC / LogisticRegression; the variant is chosen
     on validation, then refit on train+validation (the same 12k rows the encoders learn from) and tested."""
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -335,7 +311,7 @@ def tfidf_baseline(train_texts, train_labels, val_texts, val_labels, test_texts,
     rows = []
     y_tr, y_val, y_te = (np.asarray(y) for y in (train_labels, val_labels, test_labels))
     for ngram in ((1, 1), (1, 2)):
-        for clf_name in ("LinearSVC", "LogisticRegression"):
+        for clf_name in classifiers:
             vec, clf = make(ngram, clf_name)
             clf.fit(vec.fit_transform(train_texts), y_tr)
             val_acc = float((clf.predict(vec.transform(val_texts)) == y_val).mean() * 100)
@@ -354,11 +330,11 @@ def tfidf_baseline(train_texts, train_labels, val_texts, val_labels, test_texts,
 def run_all(recipe: Recipe | None = None, size: dict | None = None, device: torch.device | str | None = None,
             limit_train: int | None = None, limit_test: int | None = None, versions=("v1", "v2"),
             tokenizers=TOKENIZERS, extrapolation_length: int = 256, ckpt_bench: tuple[int, int] | None = (64, 512),
-            baseline: bool = True, no_mlm_ablation: tuple[str, ...] = (), progress: bool = False, log=print,
+            baseline: bool | tuple[str, ...] = True, no_mlm_ablation: tuple[str, ...] = (), progress: bool = False, log=print,
             on_update=None) -> dict:
     """Train and test every configuration; returns a JSON-serialisable dict (see the module docstring).
 
-    ``on_update(result)`` is called after every run (to save partial results). ``no_mlm_ablation`` names runs (e.g. ``"v2-bert-base-uncased"``) to fine-tune a second time from a random
+    ``baseline`` may name the TF-IDF classifiers to fit (e.g. ``("LinearSVC",)``). ``on_update(result)`` is called after every run (to save partial results). ``no_mlm_ablation`` names runs (e.g. ``"v2-bert-base-uncased"``) to fine-tune a second time from a random
     initialisation, to measure what the MLM warm start buys (``result["ablation_no_mlm"]``).
     """
     recipe = recipe or Recipe()
@@ -372,8 +348,9 @@ def run_all(recipe: Recipe | None = None, size: dict | None = None, device: torc
               "classes": list(AG_NEWS_CLASSES), "runs": [], "device": str(dev)}
     if baseline:
         t0 = time.perf_counter()
+        classifiers = baseline if isinstance(baseline, tuple) else ("LinearSVC", "LogisticRegression")
         result["baseline"] = tfidf_baseline(train_part.texts, train_part.labels, val_part.texts, val_part.labels,
-                                            test.texts, test.labels)
+                                            test.texts, test.labels, classifiers)
         result["baseline"]["time_s"] = time.perf_counter() - t0
         log(f"baseline: {[(r['model'], round(r['accuracy'], 2)) for r in result['baseline']['rows']]}")
     result["ablation_no_mlm"] = []
@@ -411,6 +388,10 @@ def run_all(recipe: Recipe | None = None, size: dict | None = None, device: torc
                     predict_logits(model, long_test_128, recipe.eval_batch_size, dev), long_test.labels)["accuracy"],
                 "accuracy_at_long_length": classification_metrics(
                     predict_logits(model, long_test, recipe.eval_batch_size, dev), long_test.labels)["accuracy"],
+                "position_offset": recipe.max_length,
+                "accuracy_positions_shifted": classification_metrics(
+                    predict_logits(model, enc_test, recipe.eval_batch_size, dev, position_offset=recipe.max_length),
+                    enc_test.labels)["accuracy"],
             }
             result["runs"].append(run)
             if name in no_mlm_ablation and recipe.mlm_steps > 0:
@@ -474,7 +455,6 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="directory for encoder_agnews.json (default: results/)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes (CPU smoke test)")
     parser.add_argument("--mlm-steps", type=int, default=None)
-    parser.add_argument("--mlm-time-budget", type=float, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--no-baseline", action="store_true", help="skip the TF-IDF baseline (run it on a CPU)")
     parser.add_argument("--ablate", nargs="*", default=[], help="runs to repeat without MLM, e.g. v2-bert-base-uncased")
@@ -483,8 +463,7 @@ def main(argv=None) -> None:
     from dldna.results import save_result
 
     recipe = Recipe.tiny() if args.tiny else Recipe()
-    for field_name, value in (("mlm_steps", args.mlm_steps), ("mlm_time_budget_s", args.mlm_time_budget),
-                              ("epochs", args.epochs)):
+    for field_name, value in (("mlm_steps", args.mlm_steps), ("epochs", args.epochs)):
         if value is not None:
             recipe = replace(recipe, **{field_name: value})
     kwargs = dict(baseline=not args.no_baseline, no_mlm_ablation=tuple(args.ablate))

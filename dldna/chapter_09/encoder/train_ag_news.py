@@ -33,8 +33,8 @@ FAST_SIZE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, int
 
 
 def fast_recipe() -> Recipe:
-    """The shrunken schedule of fast mode (a few hundred rows, one epoch, a 20-step MLM warm start)."""
-    return Recipe(max_length=64, mlm_steps=20, mlm_batch_size=32, epochs=1, batch_size=32, eval_batch_size=128,
+    """The shrunken schedule of fast mode (a few hundred rows, one epoch, a 5-step MLM warm start)."""
+    return Recipe(max_length=64, mlm_steps=5, mlm_batch_size=32, epochs=1, batch_size=32, eval_batch_size=128,
                   lr=1e-3)
 
 
@@ -104,7 +104,7 @@ def train_agnews(config=None, tokenizer_name: str = "bert-base-uncased", version
     """Train one configuration (MLM warm start on the training texts, then fine-tuning; best validation
     epoch kept) on the local training file; returns the ``EncoderClassifier``."""
     recipe = recipe or (fast_recipe() if is_fast() else Recipe())
-    limit_train = limit_train if limit_train is not None else fast(None, 600)
+    limit_train = limit_train if limit_train is not None else fast(None, 400)
     (train_part, val_part), all_rows = _splits(limit_train)
     tok = load_tokenizer(tokenizer_name)
     enc = [encode_texts(d.texts, d.labels, tok, recipe.max_length, tokenizer_name) for d in (train_part, val_part, all_rows)]
@@ -127,7 +127,7 @@ def test_agnews(tokenizer_name: str = "bert-base-uncased", version: str = "v2", 
     """Test accuracy (%) on the local AG News test split (7,600 rows); loads the saved model if none is given."""
     if model is None:
         model, _ = load_model(tokenizer_name, version)
-    data = encode_ag_news("test", tokenizer_name, MAX_LENGTH, limit=limit if limit is not None else fast(None, 300))
+    data = encode_ag_news("test", tokenizer_name, MAX_LENGTH, limit=limit if limit is not None else fast(None, 200))
     inner = _enc.EncoderClassifier(model.config)
     inner.load_state_dict(model.state_dict())
     inner.to(next(model.parameters()).device)
@@ -176,12 +176,13 @@ def train_and_test_all_versions(verbose: bool = False) -> dict:
     """Train and test v1 (learned positions) and v2 (RoPE) with the BERT and T5 tokenizers; print the table.
 
     Full size (GPU): the chapter's recipe (``Recipe()``: MLM warm start on the 12k training texts, fine-tuning
-    on 90 % of them, best validation epoch). Fast mode: 600 training rows, 300 test rows, a 2-layer 32-wide
-    model, one epoch. Returns the result dict of ``dldna.models.encoder_experiments.run_all``.
+    on 90 % of them, best validation epoch). Fast mode: 400 training rows, 200 test rows, a 2-layer 32-wide
+    model, one epoch, only the LinearSVC baselines. Returns the result dict of ``dldna.models.encoder_experiments.run_all``.
     """
     if is_fast():
-        result = run_all(fast_recipe(), size=FAST_SIZE, limit_train=600, limit_test=300, ckpt_bench=None,
-                         extrapolation_length=96, progress=verbose, log=print if verbose else (lambda *_: None))
+        result = run_all(fast_recipe(), size=FAST_SIZE, limit_train=400, limit_test=200, ckpt_bench=None,
+                         extrapolation_length=96, baseline=("LinearSVC",), progress=verbose,
+                         log=print if verbose else (lambda *_: None))
     else:
         result = run_all(Recipe(), progress=verbose, log=print if verbose else (lambda *_: None))
     print(f"\n=== Results (trained on {result['train_source']}, tested on {result['test_source']}) ===")
