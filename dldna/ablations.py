@@ -386,12 +386,13 @@ def clipping_experiment(corpus: ByteCorpus, clips: Sequence[float | None] = (Non
                         bad_every: int = 100, run: RunConfig | None = None, progress: bool = False,
                         **model_overrides) -> dict:
     """Train with and without gradient clipping while every ``bad_every``-th batch is corrupted (one byte
-    repeated: a degenerate document, as web data has). Returns histories and the steps of the bad batches."""
+    repeated with some noise: a degenerate document, as web data has), except in the last ``bad_every / 2``
+    steps so the final evaluation is not taken right after one. Returns histories and the corrupted steps."""
     run = run or RunConfig(schedule="constant", warmup_steps=20)
     run = replace(run, lr=lr)
     gen = torch.Generator().manual_seed(1234)
     bad = {}
-    for i in range(bad_every - 1, run.steps, bad_every):
+    for i in range(bad_every - 1, run.steps - bad_every // 2, bad_every):  # none right before the end
         byte = int(torch.randint(0, 256, (1,), generator=gen))
         window = torch.full((run.batch_size, run.seq_len + 1), byte, dtype=torch.long)
         window[:, ::7] = torch.randint(0, 256, (run.batch_size, (run.seq_len + 7) // 7), generator=gen)
@@ -402,6 +403,41 @@ def clipping_experiment(corpus: ByteCorpus, clips: Sequence[float | None] = (Non
                            extra_batches=bad)
         out["runs"]["no clipping" if clip is None else f"clip {clip:g}"] = hist
     return out
+
+
+def rope_interpolation(corpus: ByteCorpus, run: RunConfig | None = None, factor: int = 4, test_windows: int = 32,
+                       **model_overrides) -> dict:
+    """Train a RoPE model on ``run.seq_len`` and evaluate it on ``factor`` times longer windows with plain positions
+    and with linear position interpolation (``rope_scaling=factor``, Chen et al. 2023), without fine-tuning.
+    Returns the mean loss on the trained and on the new positions for each."""
+    run = run or RunConfig(steps=300, seq_len=32)
+    model, _ = train_lm(model_config(position="rope", **model_overrides), corpus, run)
+    x, y = eval_windows(corpus.val, factor * run.seq_len, test_windows)
+    out: dict[str, Any] = {"run": asdict(run), "factor": factor}
+    for scale in (1.0, float(factor)):
+        model.config.rope_scaling = scale
+        curve = loss_by_position(model, x, y)
+        out[f"rope_scaling={scale:g}"] = {"trained positions": float(curve[:run.seq_len].mean()),
+                                          "new positions": float(curve[run.seq_len:].mean())}
+    model.config.rope_scaling = 1.0
+    return out
+
+
+def radam_without_warmup(corpus: ByteCorpus, lr: float = 1e-1, num_layers: int = 4, run: RunConfig | None = None,
+                         **model_overrides) -> dict:
+    """RAdam (Liu et al. 2020, decoupled weight decay) at a high peak ``lr`` with no warmup, otherwise the setting
+    of ``warmup_comparison``; returns its history."""
+    run = run or RunConfig(grad_clip=None, warmup_steps=0)
+    seed_everything(run.seed)
+    model = TinyLM(model_config(num_hidden_layers=num_layers, **model_overrides))
+    opt = torch.optim.RAdam(adamw_param_groups(model, run.weight_decay), lr=lr, betas=run.betas,
+                            decoupled_weight_decay=True)
+    sched = cosine_with_warmup(opt, 0, run.steps, min_lr_ratio=run.min_lr_ratio)
+    val = eval_windows(corpus.val, run.seq_len, run.eval_windows)
+    hist = train(model, RandomWindows(corpus.train, run.seq_len, run.batch_size, seed=run.seed), opt, scheduler=sched,
+                 loss_fn=cross_entropy, max_steps=run.steps, progress=False, eval_every=run.eval_every,
+                 eval_fn=lambda m: {"loss": float(loss_by_position(m, *val).mean())})
+    return {"run": asdict(replace(run, lr=lr)), "num_layers": num_layers, "history": _jsonable(hist)}
 
 
 def spike_summary(result: dict, window: int = 5) -> dict[str, dict[str, float]]:
@@ -554,12 +590,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "rmsnorm_swiglu_init_0.02": layer_grad_norms(corpus)},
             "ch07_norm_placement": lambda: norm_placement_stability(corpus),
             "ch07_norm_timing": lambda: norm_timing(),
+            "ch07_rope_interpolation": lambda: rope_interpolation(corpus),
         },
         15: {
             "ch15_warmup": lambda: warmup_comparison(corpus),
             "ch15_adam_update_ratio": lambda: adam_update_ratio(corpus),
             "ch15_decoupled_decay": lambda: decoupled_decay_toy(),
             "ch15_clipping": lambda: clipping_experiment(corpus),
+            "ch15_radam": lambda: radam_without_warmup(corpus),
         },
     }[args.chapter]
     for name, fn in experiments.items():

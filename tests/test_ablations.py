@@ -96,3 +96,18 @@ def test_decoupled_decay_toy_shows_the_difference():
     assert ratio_l2[0] > ratio_l2[-1] + 0.3
     # AdamW shrinks every used weight by the same factor
     assert float(ratio_w.max() - ratio_w.min()) < 0.02 and 0.5 < float(ratio_w.mean()) < 0.99
+
+
+def test_spike_summary_measures_rise_after_corrupted_batches():
+    from dldna.ablations import spike_summary
+
+    loss = [2.0] * 30
+    loss[9] = 9.0  # corrupted batch at step 10
+    for i in range(10, 15):
+        loss[i] = 2.5  # the five steps after it
+    hist = {"loss": loss, "grad_norm": [0.2] * 9 + [5.0] + [0.2] * 20, "eval_loss": [2.1]}
+    out = spike_summary({"bad_steps": [10], "runs": {"no clipping": hist, "clip 1": hist}})
+    assert out["no clipping"]["loss on corrupted batches"] == 9.0
+    assert out["no clipping"]["rise after them (5 steps)"] == pytest.approx(0.5)
+    assert out["clip 1"]["fraction of steps clipped"] == pytest.approx(1 / 30)
+    assert out["no clipping"]["fraction of steps clipped"] == 0.0
