@@ -100,13 +100,14 @@ def sequence_config(vocab_size: int = 51, seq_length: int = 10, **overrides) -> 
 def run_sequence_task(vocab_size: int = 51, seq_length: int = 10, num_examples: int = 1000,
                       held_out_starts: Sequence[int] = (3, 17, 29, 38), epochs: int = 5, batch_size: int = 8,
                       lr: float = 5e-3, max_length: int = 20, seed: int = 0, device=None,
-                      progress: bool = True) -> dict[str, Any]:
+                      progress: bool = True, return_model: bool = False) -> dict[str, Any]:
     """Train on counting windows that never start at ``held_out_starts``; generate from each held-out start.
 
     Prompts are the first 3 numbers of each held-out start; a continuation is exact when it equals
     ``expected_continuation`` (counting up to ``max_length`` tokens, eos after the largest number). Generation
     runs to ``max_length = 2 * seq_length`` tokens, beyond the window and the training length: the rolling
-    cache and relative RoPE make positions never seen in training harmless.
+    cache and relative RoPE make positions never seen in training harmless. ``return_model`` adds the trained
+    model under ``"model"`` (the rest of the dict is JSON-ready).
     """
     device = torch.device(device) if device is not None else default_device()
     seed_everything(seed)
@@ -130,15 +131,19 @@ def run_sequence_task(vocab_size: int = 51, seq_length: int = 10, num_examples: 
     for s, p, o in zip(held, prompts, outs):
         full = (p + o)[:max_length]
         rows.append({"start": s, "generated": full, "exact": full == expected_continuation(p, vocab_size, max_length)})
-    return {"task": "sequence", "held_out_starts": held, "epoch_loss": _epoch_means(hist, len(loader)),
-            "loss": hist["loss"], "results": rows, "exact": sum(r["exact"] for r in rows) / len(rows),
-            "train_s": train_s, "config": model.config.to_dict()}
+    result = {"task": "sequence", "held_out_starts": held, "epoch_loss": _epoch_means(hist, len(loader)),
+              "loss": hist["loss"], "results": rows, "exact": sum(r["exact"] for r in rows) / len(rows),
+              "train_s": train_s, "config": model.config.to_dict()}
+    if return_model:
+        result["model"] = model
+    return result
 
 
 # -------------------------------------------------------------------------------------------- 2. arithmetic
-def task_config(vocab_size: int, pad_id: int, eos_id: int, hidden_size: int, window: int, **overrides) -> MistralConfig:
-    """4 layers, GQA 8:4, ``intermediate_size = 4 * hidden_size``, ``sliding_window = window`` (= max positions)."""
-    base = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+def task_config(vocab_size: int, pad_id: int, eos_id: int, width: int, window: int, **overrides) -> MistralConfig:
+    """4 layers, GQA 8:4, ``hidden_size = width``, ``intermediate_size = 4 * width``, ``sliding_window = window``
+    (= max positions); ``overrides`` replace any field."""
+    base = dict(vocab_size=vocab_size, hidden_size=width, intermediate_size=4 * width,
                 num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=window,
                 sliding_window=window, use_cache=False, pad_token_id=pad_id, bos_token_id=None, eos_token_id=eos_id)
     base.update(overrides)
