@@ -591,6 +591,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "ch07_norm_placement": lambda: norm_placement_stability(corpus),
             "ch07_norm_timing": lambda: norm_timing(),
             "ch07_rope_interpolation": lambda: rope_interpolation(corpus),
+            "ch07_norm_placement_warmup": lambda: norm_placement_stability(
+                corpus, lrs=(1e-2,), run=RunConfig(steps=400, warmup_steps=100, schedule="constant", grad_clip=None)),
         },
         15: {
             "ch15_warmup": lambda: warmup_comparison(corpus),
