@@ -205,3 +205,25 @@ def test_moe_generation_cached_equals_uncached():
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         MoEConfig.tiny(**bad)
+
+
+def test_toy_languages_are_seeded_and_follow_their_lexicons():
+    from dldna.data.toy_languages import ToyLanguages, toy_language_batches
+
+    a, b = ToyLanguages(seed=3), ToyLanguages(seed=3)
+    ids_a, lang_a = a.sample(6, 80, torch.Generator().manual_seed(1))
+    ids_b, lang_b = b.sample(6, 80, torch.Generator().manual_seed(1))
+    assert torch.equal(ids_a, ids_b) and torch.equal(lang_a, lang_b)
+    assert ids_a.min() >= 0 and ids_a.max() < a.vocab_size
+    for row, lang in zip(ids_a, lang_a):
+        words = a.decode(row).split(" ")[:-1]  # the last word may be cut
+        lexicon = {a.decode(w) for w in a.lexicons[int(lang)]}
+        assert words and all(w in lexicon for w in words)
+        # consecutive words follow the language's transition table
+        index = {a.decode(w): i for i, w in enumerate(a.lexicons[int(lang)])}
+        for w1, w2 in zip(words, words[1:]):
+            assert index[w2] in a.successors[int(lang), index[w1]].tolist()
+    torch.testing.assert_close(a.successor_probs.sum(-1), torch.ones(4, 64))
+    batch = next(toy_language_batches(a, 3, 20, with_language=True))
+    assert torch.equal(batch["input_ids"], batch["labels"]) and batch["language"].shape == (3,)
+    assert a.decode(a.encode("ab c")) == "ab c"
