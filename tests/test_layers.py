@@ -197,3 +197,21 @@ def test_gated_mlps():
     assert sum(p.numel() for p in swi.parameters()) == 3 * 8 * 12
     with pytest.raises(ValueError, match="act"):
         GatedMLP(8, 12, act="tanh")
+
+
+def test_rotary_table_is_cached_extended_on_demand_and_exact():
+    import torch
+
+    from dldna.models.layers import RotaryEmbedding
+
+    rope = RotaryEmbedding(16, base=500.0, max_position_embeddings=8)
+    x = torch.zeros(1)
+    cos, sin = rope(x, torch.arange(5))
+    assert rope.cos_cached.shape == (8, 16)  # the initial table
+    cos_far, _ = rope(x, torch.tensor([[3, 100]]))
+    assert rope.cos_cached.shape[0] == 128  # extended to the next power of two
+    direct = torch.cat([torch.tensor([3.0, 100.0])[:, None] * rope.inv_freq] * 2, -1).cos()
+    assert torch.equal(cos_far[0], direct)  # table lookup gives exactly the directly computed angles
+    neg, _ = rope(x, torch.tensor([[-1, 0]]))
+    assert torch.equal(neg[0, 0], torch.cat([-rope.inv_freq] * 2).cos())
+    assert "cos_cached" not in rope.state_dict()  # derived, never saved

@@ -61,9 +61,10 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (Su et al. 2021) with HF layout: returns ``cos, sin`` of shape ``(B, N, dim)``.
 
-    Frequencies are ``base^(-2i/dim)``; angles are computed in float32 for any ``position_ids`` (B, N), so
-    positions need no precomputed table (and nothing to extend). ``dim`` may be smaller than head_dim
-    (partial rotary, as in Phi models).
+    Frequencies are ``base^(-2i/dim)``. Angles are computed in float32 (never in the activation dtype) into a
+    cached cos/sin table of ``max_position_embeddings`` rows, extended on demand (doubling) when a larger position
+    arrives; ``forward`` looks rows up for any ``position_ids`` and casts the result. ``dim`` may be smaller than
+    head_dim (partial rotary, as in Phi models).
     """
 
     def __init__(self, dim: int, base: float = 10000.0, max_position_embeddings: int = 2048):
@@ -72,18 +73,37 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"dim must be a positive even number, got {dim}")
         if base <= 0:
             raise ValueError(f"base must be positive, got {base}")
+        if max_position_embeddings <= 0:
+            raise ValueError(f"max_position_embeddings must be positive, got {max_position_embeddings}")
         self.dim, self.base, self.max_position_embeddings = dim, float(base), max_position_embeddings
         inv_freq = 1.0 / (self.base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos_cached", torch.empty(0, dim), persistent=False)
+        self.register_buffer("sin_cached", torch.empty(0, dim), persistent=False)
+
+    def _angles(self, positions: torch.Tensor) -> torch.Tensor:
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device, torch.float32)
+        return torch.cat((freqs, freqs), dim=-1)
+
+    def _extend(self, needed: int, device: torch.device) -> None:
+        """Make the float32 table cover positions ``[0, needed)`` on ``device``."""
+        if self.cos_cached.shape[0] >= needed and self.cos_cached.device == device:
+            return
+        length = max(self.max_position_embeddings, self.cos_cached.shape[0], 1 << max(needed - 1, 0).bit_length())
+        emb = self._angles(torch.arange(length, device=device))
+        self.cos_cached, self.sin_cached = emb.cos(), emb.sin()
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
         """``x`` only supplies dtype and device; ``position_ids`` is ``(B, N)`` (or ``(N,)``) of ints."""
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
-        freqs = position_ids.to(x.device, torch.float32)[..., None] * self.inv_freq.to(x.device, torch.float32)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        position_ids = position_ids.to(x.device)
+        if position_ids.numel() and int(position_ids.min()) < 0:  # e.g. padding slots: compute directly
+            emb = self._angles(position_ids)
+            return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        self._extend(int(position_ids.max()) + 1 if position_ids.numel() else 1, x.device)
+        return self.cos_cached[position_ids].to(x.dtype), self.sin_cached[position_ids].to(x.dtype)
 
 
 class GatedMLP(nn.Module):
