@@ -40,7 +40,9 @@ def test_every_chapter_ends_with_exercises_and_solutions():
         assert start is not None, f"{notebook.name} has no Exercises section"
         tail = "\n".join(markdown[start:])
         for level in ("Basic", "Applied", "Advanced"):
-            assert re.search(rf"(\*\*|^#+ +|^- +|^\d+\. +)\**{level}", tail, re.I | re.M), f"{notebook.name}: no {level.lower()} exercise"
+            # "**Basic.**", "**1 (basic).**" or a "### Basic" heading
+            pattern = rf"\*\*[^*\n]*\b{level}\b[^*\n]*\*\*|^#+ .*\b{level}\b"
+            assert re.search(pattern, tail, re.I | re.M), f"{notebook.name}: no {level.lower()} exercise"
         assert tail.count("<details>") >= 3, f"{notebook.name}: every exercise needs a <details> solution"
 
 
