@@ -4,6 +4,7 @@ import torch
 
 from dldna.attention import attention
 from dldna.attention.ring import (
+    check_and_measure_worker,
     default_cases,
     exactness_worker,
     gather_sequence,
@@ -17,23 +18,29 @@ from dldna.attention.ring import (
 TOL = 1e-10
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda p: f"P{p}")
-def ring_reports(request):
-    world_size = request.param
-    reports = launch(exactness_worker, world_size, default_cases())
-    return world_size, reports
+@pytest.fixture(scope="module")
+def ring_reports():
+    """One spawn of 4 gloo processes checks P = 2 (two rings side by side) and P = 4."""
+    return launch(check_and_measure_worker, 4, default_cases(), 1024, (2, 4))
 
 
-def test_ring_matches_dense_forward_and_backward(ring_reports):
-    world_size, reports = ring_reports
-    assert len(reports) == world_size
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ring_matches_dense_forward_and_backward(ring_reports, world_size):
     cases = default_cases()
-    for rank_reports in reports:  # every rank gathered the same full tensors
-        assert len(rank_reports) == len(cases)
-        for case, rep in zip(cases, rank_reports):
+    for per_rank in ring_reports:  # every rank gathered the full tensors of its ring
+        reports = per_rank[world_size]["exactness"]
+        assert len(reports) == len(cases)
+        for case, rep in zip(cases, reports):
             assert rep["seq_len"] == case["seq_len"] and rep["world_size"] == world_size
             for name in ("out", "dq", "dk", "dv"):
                 assert rep[name] < TOL, (name, rep)
+
+
+def test_per_rank_memory_falls_with_world_size(ring_reports):
+    peak = {P: max(r[P]["memory"]["peak_mb"] for r in ring_reports) for P in (2, 4)}
+    n_local = {P: ring_reports[0][P]["memory"]["n_local"] for P in (2, 4)}
+    assert n_local == {2: 512, 4: 256}
+    assert 0 < peak[4] < 0.7 * peak[2], peak
 
 
 def test_cases_cover_odd_lengths_causal_and_both_layouts():

@@ -83,24 +83,36 @@ def hierarchical_pairs(n: int, block_size: int) -> int:
 
 
 def measure_hierarchical_scaling(seq_lengths: Sequence[int], heads: int = 4, head_dim: int = 32, repeats: int = 3,
-                                 progress: bool = False) -> list[dict]:
-    """Time and peak memory of dense attention vs hierarchical attention with ``b = round(sqrt(N))`` on CPU
-    (float32, batch 1), plus the computed score counts. One dict per length. Used in chapter 14."""
+                                 progress: bool = False, num_threads: int = 1) -> dict[str, list[dict]]:
+    """Time, peak memory and evaluated scores of dense attention vs hierarchical attention with
+    ``b = round(sqrt(N))`` on CPU (float32, batch 1, ``num_threads`` threads: one thread times more steadily on a
+    shared machine). Returns ``{"dense": rows, "hierarchical": rows}`` with rows ``seq_len, seconds, peak_mb,
+    pairs`` (the format of ``dldna.plots.plot_loglog_scaling``). Used in chapter 14."""
+    series: dict[str, list[dict]] = {"dense": [], "hierarchical": []}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        _measure(series, seq_lengths, heads, head_dim, repeats, progress)
+    finally:
+        torch.set_num_threads(threads)
+    return series
+
+
+def _measure(series, seq_lengths, heads, head_dim, repeats, progress):
     from dldna.bench import peak_memory_mb, time_fn
 
-    rows = []
     lengths = list(seq_lengths)
     if progress:
         from tqdm.auto import tqdm
 
         lengths = tqdm(lengths, desc="hierarchical vs dense")
     for n in lengths:
-        gen = torch.Generator().manual_seed(int(n))
-        q, k, v = (torch.randn(1, heads, int(n), head_dim, generator=gen) for _ in range(3))
+        n = int(n)
+        gen = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, heads, n, head_dim, generator=gen) for _ in range(3))
         b = max(1, round(math.sqrt(n)))
-        row = {"seq_len": int(n), "block_size": b, "dense_pairs": int(n) ** 2, "hier_pairs": hierarchical_pairs(int(n), b)}
-        for name, fn in (("dense", lambda: attention(q, k, v)), ("hier", lambda: hierarchical_attention(q, k, v, b))):
-            row[f"{name}_s"] = time_fn(fn, warmup=1, repeats=repeats)
-            row[f"{name}_mb"] = peak_memory_mb(fn)
-        rows.append(row)
-    return rows
+        runs = {"dense": (lambda: attention(q, k, v), n * n),
+                "hierarchical": (lambda: hierarchical_attention(q, k, v, b), hierarchical_pairs(n, b))}
+        for name, (fn, pairs) in runs.items():
+            series[name].append({"seq_len": n, "block_size": b, "pairs": pairs,
+                                 "seconds": time_fn(fn, warmup=1, repeats=repeats), "peak_mb": peak_memory_mb(fn)})

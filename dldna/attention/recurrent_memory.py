@@ -7,7 +7,9 @@ through time), truncated to at most ``bptt_segments`` segment hops.
 
 The recall task: the first segment holds ``num_pairs`` key-value pairs, the following segments hold noise, and
 the last segment ends with ``QUERY key``; the model must output that key's value. The answer lies more than one
-segment away from the question, so the same model without memory (``num_memory_tokens=0``) is at chance.
+segment away from the question, so the same model without memory (``num_memory_tokens=0``) is at chance. With
+``shuffle_keys=False`` the keys are ``0, 1, ...`` in order (recall by position); with random keys the memory must
+bind keys to values (associative recall), which this tiny model learns only partly on a CPU budget.
 
 Used in chapter 14. Full-size run: ``python -m dldna.attention.recurrent_memory`` (CPU, a few minutes).
 """
@@ -32,6 +34,7 @@ class RecallTask:
     num_keys: int = 8
     num_values: int = 8
     num_noise: int = 16
+    shuffle_keys: bool = True  # False: the pairs' keys are 0, 1, ... in order (recall by position, easier)
 
     def __post_init__(self):
         for name in ("num_segments", "segment_len", "num_pairs", "num_keys", "num_values", "num_noise"):
@@ -66,7 +69,10 @@ class RecallTask:
         g = generator
         noise_lo = self.num_keys + self.num_values
         tokens = torch.randint(noise_lo, noise_lo + self.num_noise, (batch, self.seq_len), generator=g)
-        keys = torch.rand(batch, self.num_keys, generator=g).argsort(dim=1)[:, : self.num_pairs]  # distinct keys
+        if self.shuffle_keys:
+            keys = torch.rand(batch, self.num_keys, generator=g).argsort(dim=1)[:, : self.num_pairs]  # distinct keys
+        else:
+            keys = torch.arange(self.num_pairs).expand(batch, -1)
         values = torch.randint(0, self.num_values, (batch, self.num_pairs), generator=g)
         tokens[:, 0 : 2 * self.num_pairs : 2] = keys
         tokens[:, 1 : 2 * self.num_pairs : 2] = self.num_keys + values
@@ -171,9 +177,22 @@ def recall_accuracy(model: nn.Module, task: RecallTask, num_samples: int = 2048,
 
 
 def train_recall(task: RecallTask, num_memory_tokens: int, steps: int, batch: int = 64, lr: float = 2e-3,
-                 seed: int = 0, bptt_segments: int | None = None, progress: bool = True, **model_kwargs) -> dict:
+                 seed: int = 0, bptt_segments: int | None = None, progress: bool = True, num_threads: int | None = 1,
+                 **model_kwargs) -> dict:
     """Train one model on the recall task with ``dldna.training.train``; returns its config, test accuracy and
-    loss history. Used in chapter 14."""
+    loss history. ``num_threads`` (default 1; None keeps PyTorch's setting) limits CPU threads while training:
+    for a model this small extra threads only wait on each other (10x slower on a busy 2-core machine).
+    Used in chapter 14."""
+    threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _train_recall(task, num_memory_tokens, steps, batch, lr, seed, bptt_segments, progress, **model_kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_recall(task, num_memory_tokens, steps, batch, lr, seed, bptt_segments, progress, **model_kwargs):
     from dldna.config import seed_everything
     from dldna.training import cosine_with_warmup, cross_entropy, make_adamw, train
 
@@ -189,36 +208,51 @@ def train_recall(task: RecallTask, num_memory_tokens: int, steps: int, batch: in
             "loss": hist["loss"], "time_s": hist["time_s"], "model": model}
 
 
-def recall_experiment(task: RecallTask | None = None, steps: int = 3000, memory_sizes=(0, 4), seeds=(0,),
-                      progress: bool = True, **kwargs) -> list[dict]:
-    """RMT vs the same model without memory on the recall task: one row per (memory size, seed) with the
-    held-out accuracy and chance level. Used in chapter 14."""
-    task = task or RecallTask()
+TASKS = {
+    # the value at slot i of the first segment; the question comes two segments later
+    "recall by position": RecallTask(num_segments=3, segment_len=8, num_pairs=4, shuffle_keys=False),
+    # the value bound to a random key (associative recall): needs content-based binding in memory
+    "associative recall": RecallTask(num_segments=3, segment_len=8, num_pairs=2, shuffle_keys=True),
+}
+
+
+def recall_experiment(steps: int = 400, seeds=(0, 1), associative_steps: int = 600, progress: bool = True,
+                      lr: float = 2e-3, memory_tokens: int = 8) -> list[dict]:
+    """The chapter-14 table: on ``TASKS["recall by position"]``, RMT (``memory_tokens`` memory tokens) vs the
+    same model without memory for each seed, and RMT with backpropagation truncated to 1 and 2 segments (first
+    seed); on ``TASKS["associative recall"]`` (``associative_steps`` steps, skipped when 0), RMT vs no memory.
+    One row per run with the held-out accuracy, chance level, final loss and wall time."""
+    runs = [("recall by position", m, None, seed, steps) for seed in seeds for m in (memory_tokens, 0)]
+    runs += [("recall by position", memory_tokens, bptt, seeds[0], steps) for bptt in (1, 2)]
+    if associative_steps:
+        runs += [("associative recall", m, None, seeds[0], associative_steps) for m in (memory_tokens, 0)]
     rows = []
-    for m in memory_sizes:
-        for seed in seeds:
-            run = train_recall(task, m, steps, seed=seed, progress=progress, **kwargs)
-            rows.append({"num_memory_tokens": m, "seed": seed, "accuracy": run["accuracy"], "steps": steps,
-                         "final_loss": sum(run["loss"][-50:]) / len(run["loss"][-50:]), "time_s": run["time_s"],
-                         "chance": 1.0 / task.num_values})
+    for name, m, bptt, seed, n_steps in runs:
+        task = TASKS[name]
+        run = train_recall(task, m, n_steps, seed=seed, lr=lr, bptt_segments=bptt, progress=progress)
+        tail = run["loss"][-20:]
+        rows.append({"task": name, "num_segments": task.num_segments, "segment_len": task.segment_len,
+                     "num_memory_tokens": m, "bptt_segments": bptt, "seed": seed, "steps": n_steps,
+                     "accuracy": run["accuracy"], "chance": 1.0 / task.num_values,
+                     "final_loss": sum(tail) / len(tail), "time_s": run["time_s"]})
     return rows
 
 
 def main(argv=None) -> None:
     """Full-size RMT recall experiment on CPU; stores ``results/rmt_recall.json``."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--associative-steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args(argv)
     from dldna.results import save_result
 
-    task = RecallTask()
-    rows = recall_experiment(task, steps=args.steps, seeds=tuple(args.seeds))
+    rows = recall_experiment(args.steps, tuple(args.seeds), args.associative_steps)
     for r in rows:
         print(r)
-    path = save_result("rmt_recall", {"task": asdict(task), "rows": rows},
-                       command=f"python -m dldna.attention.recurrent_memory --steps {args.steps} --seeds "
-                               + " ".join(map(str, args.seeds)))
+    command = (f"python -m dldna.attention.recurrent_memory --steps {args.steps} --associative-steps "
+               f"{args.associative_steps} --seeds {' '.join(map(str, args.seeds))}")
+    path = save_result("rmt_recall", {"tasks": {k: asdict(t) for k, t in TASKS.items()}, "rows": rows}, command=command)
     print("saved", path)
 
 

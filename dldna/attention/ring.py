@@ -367,13 +367,35 @@ def _full_inputs(seq_len, batch, heads, kv_heads, head_dim, seed, dtype, dev):
     return [t.to(dev) for t in (q, k, v, dout)]
 
 
-def exactness_worker(rank: int, world_size: int, cases: Sequence[dict]) -> list[dict]:
+def _worker_device(group=None) -> torch.device:
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def ring_groups(rank: int, world_size: int, sizes: Sequence[int]) -> dict:
+    """Split the world into consecutive sub-rings: ``{P: the group of P ranks this rank belongs to}`` for each
+    ``P`` in ``sizes`` (each must divide ``world_size``). Every rank must call this with the same ``sizes``.
+    One spawn of 4 processes thus checks P = 1, 2 and 4 (two P = 2 rings run side by side)."""
+    groups = {}
+    for size in sizes:
+        if not isinstance(size, int) or size < 1 or world_size % size:
+            raise ValueError(f"each ring size must be a positive divisor of world_size={world_size}, got {size!r}")
+        for start in range(0, world_size, size):
+            group = dist.new_group(list(range(start, start + size)))
+            if start <= rank < start + size:
+                groups[size] = group
+    return groups
+
+
+def exactness_worker(rank: int, world_size: int, cases: Sequence[dict], group: Any = None) -> list[dict]:
     """For each case (keys ``seq_len, causal, layout`` and optional ``batch, heads, kv_heads, head_dim, q_tile,
-    seed``) run ring attention forward + backward on float64 inputs and compare the gathered output and
-    gradients with the dense reference. Returns (on every rank) one dict per case with the max abs errors.
-    Used in chapter 14 and ``tests/test_ring_attention.py``."""
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    seed``) run ring attention over ``group`` (default: the world), forward + backward on float64 inputs, and
+    compare the gathered output and gradients with the dense reference. Returns (on every rank) one dict per case
+    with the max abs errors. Used in chapter 14 and ``tests/test_ring_attention.py``."""
+    dev = _worker_device(group)
     dtype = torch.float64 if dev.type == "cpu" else torch.float32
+    rank, world_size = _world(group)
     reports = []
     for case in cases:
         n, causal, layout = case["seq_len"], case["causal"], case.get("layout", "zigzag")
@@ -381,13 +403,13 @@ def exactness_worker(rank: int, world_size: int, cases: Sequence[dict]) -> list[
         q, k, v, dout = _full_inputs(n, case.get("batch", 1), heads, kv_heads, case.get("head_dim", 8),
                                      case.get("seed", 0), dtype, dev)
         local = [shard_sequence(t, rank, world_size, layout).requires_grad_(i < 3) for i, t in enumerate((q, k, v, dout))]
-        out = ring_attention(*local[:3], seq_len=n, causal=causal, layout=layout, q_tile=case.get("q_tile"))
+        out = ring_attention(*local[:3], seq_len=n, causal=causal, layout=layout, group=group, q_tile=case.get("q_tile"))
         out.backward(local[3])
         tensors = [out.detach(), local[0].grad, local[1].grad, local[2].grad]
         gathered = []
         for t in tensors:
             parts = [torch.empty_like(t) for _ in range(world_size)]
-            dist.all_gather(parts, t.contiguous())
+            dist.all_gather(parts, t.contiguous(), group=group)
             gathered.append(gather_sequence(parts, n, layout))
         qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
         ref = attention(qr, kr, vr, causal=causal)
@@ -399,12 +421,14 @@ def exactness_worker(rank: int, world_size: int, cases: Sequence[dict]) -> list[
 
 
 def memory_worker(rank: int, world_size: int, seq_len: int, heads: int = 4, head_dim: int = 32,
-                  q_tile: int = 64, causal: bool = True, layout: str = "zigzag") -> dict:
-    """Peak memory (MiB) this rank allocates during one ring-attention forward + backward, inputs excluded,
-    measured with :func:`dldna.bench.peak_memory_mb`; float32, batch 1. Used in chapter 14."""
+                  q_tile: int = 64, causal: bool = True, layout: str = "zigzag", group: Any = None) -> dict:
+    """Peak memory (MiB) this rank allocates during one ring-attention forward + backward over ``group``
+    (default: the world; without a process group, one process), inputs excluded, measured with
+    :func:`dldna.bench.peak_memory_mb`; float32, batch 1. Used in chapter 14."""
     from dldna.bench import peak_memory_mb
 
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    dev = _worker_device(group)
+    rank, world_size = _world(group)
     n_local = len(shard_chunks(rank, world_size, layout)) * chunk_size(seq_len, world_size, layout)
     gen = torch.Generator().manual_seed(rank)
     q, k, v, dout = (torch.randn(1, heads, n_local, head_dim, generator=gen).to(dev) for _ in range(4))
@@ -412,7 +436,7 @@ def memory_worker(rank: int, world_size: int, seq_len: int, heads: int = 4, head
         t.requires_grad_(True)
 
     def step():
-        out = ring_attention(q, k, v, seq_len=seq_len, causal=causal, layout=layout, q_tile=q_tile)
+        out = ring_attention(q, k, v, seq_len=seq_len, causal=causal, layout=layout, group=group, q_tile=q_tile)
         out.backward(dout)
         return None
 
@@ -424,11 +448,14 @@ def memory_worker(rank: int, world_size: int, seq_len: int, heads: int = 4, head
 
 
 def check_and_measure_worker(rank: int, world_size: int, cases: Sequence[dict], memory_seq_len: int,
-                             q_tile: int = 64) -> dict:
-    """One process group for both jobs of chapter 14 (spawning is the slow part): the exactness cases of
-    :func:`exactness_worker` and the per-rank peak memory of :func:`memory_worker`."""
-    return {"exactness": exactness_worker(rank, world_size, cases),
-            "memory": memory_worker(rank, world_size, memory_seq_len, q_tile=q_tile)}
+                             sizes: Sequence[int] | None = None, q_tile: int = 64) -> dict:
+    """Both jobs of chapter 14 in one spawn (starting processes is the slow part): for every ring size ``P`` in
+    ``sizes`` (default: the world size), the exactness cases of :func:`exactness_worker` and the per-rank peak
+    memory of :func:`memory_worker`. Returns ``{P: {"exactness": [...], "memory": {...}}}``."""
+    groups = ring_groups(rank, world_size, sizes or [world_size])
+    return {size: {"exactness": exactness_worker(rank, world_size, cases, group=group),
+                   "memory": memory_worker(rank, world_size, memory_seq_len, q_tile=q_tile, group=group)}
+            for size, group in groups.items()}
 
 
 def default_cases(odd_lengths: Sequence[int] = (37, 64)) -> list[dict]:
