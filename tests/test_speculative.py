@@ -121,7 +121,10 @@ def test_identical_draft_is_always_accepted():
     model = BigramLM(t_table)
     out = speculative_generate(model, copy.deepcopy(model), torch.tensor([[1]]), 13, k=4,
                                generator=torch.Generator().manual_seed(0))
-    assert out.acceptance_rate == 1.0 and out.sequences.shape == (1, 14)
+    assert out.acceptance_rate == 1.0 and out.per_token_acceptance == 1.0 and out.sequences.shape == (1, 14)
+    # guesses after a rejection are drafted but never tested
+    stats = spec.SpeculativeOutput(torch.zeros(1, 1), accepted_per_round=[2, 4, 0], drafted_per_round=[4, 4, 4])
+    assert (stats.num_tested, stats.acceptance_rate, stats.per_token_acceptance) == (8, 0.5, 0.75)
     assert out.target_calls == 3  # 5 + 5 + 3 tokens
     assert expected_tokens_per_call(1.0, 4) == 5 and expected_tokens_per_call(0.0, 4) == 1
 

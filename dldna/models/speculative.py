@@ -56,8 +56,18 @@ class SpeculativeOutput:
 
     @property
     def acceptance_rate(self) -> float:
-        """Accepted / drafted tokens (NaN when nothing was drafted)."""
+        """Accepted / drafted tokens (NaN when nothing was drafted). Guesses after a rejection count as drafted."""
         return self.num_accepted / self.num_drafted if self.num_drafted else float("nan")
+
+    @property
+    def num_tested(self) -> int:
+        """Guesses that met the acceptance test: those before the first rejection of a round, plus that one."""
+        return sum(a + (a < d) for a, d in zip(self.accepted_per_round, self.drafted_per_round))
+
+    @property
+    def per_token_acceptance(self) -> float:
+        """Accepted / tested guesses: the estimate of ``alpha``, the chance that one guess passes the test."""
+        return self.num_accepted / self.num_tested if self.num_tested else float("nan")
 
     @property
     def tokens_per_target_call(self) -> float:
