@@ -8,8 +8,9 @@ the CLA paper (Brandon et al. 2024, arXiv:2405.12981): how much validation loss 
 cache cost? At this toy scale differences are small, so the run repeats every variant over several seeds and
 reports the spread.
 
-``python -m dldna.experiments.kv_variants`` runs the full-size version on the CPU (measured: about 85 s of CPU time
-per variant and seed with one thread, so about 9 CPU-minutes per seed for the six variants) and writes
+``python -m dldna.experiments.kv_variants`` runs the full-size version on the CPU (measured on a 2-core machine: 80 s
+per variant and seed with ``--threads 1``, about 8 minutes per seed for the six variants; two threads were 7 times
+slower there, the matrices being too small to share) and writes
 ``results/kv_variants.json`` (``--seeds 2 3`` writes ``results/kv_variants_seeds2_3.json``; ``combine_records``
 pools them). Chapter 6 plots the stored runs and reruns a tiny version in fast mode.
 Used in chapter 6.
