@@ -177,7 +177,8 @@ def plot_val_loss(runs: dict, title: str = "validation loss"):
     for kind, run in runs.items():
         ax.plot(run["eval_step"], run["val_loss"], marker="o", ms=3, label=LABELS.get(kind, kind))
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation loss (nats/char)")
+    ax.set_ylabel("validation loss (nats/char, log scale)")
+    ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
