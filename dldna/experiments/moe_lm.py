@@ -146,11 +146,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--name", default="moe_toy_languages")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = run_experiment(args.steps, args.batch_size, args.seq_len, args.eval_every)
+    data = run_experiment(args.steps, args.batch_size, args.seq_len, args.eval_every, kinds=args.kinds.split(","),
+                          seed=args.seed)
     from dldna.results import save_result
 
     command = "python -m dldna.experiments.moe_lm " + " ".join(argv if argv is not None else sys.argv[1:])
