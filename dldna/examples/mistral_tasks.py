@@ -173,6 +173,7 @@ ARITHMETIC_VARIANTS = {
     "reversed": dict(reverse_answer=True),
     "wide": dict(hidden_size=256, intermediate_size=1024),
     "long_wd1": dict(steps=8000, weight_decay=1.0),
+    "long_wd1_reversed": dict(steps=8000, weight_decay=1.0, reverse_answer=True),
 }
 """Settings compared on the validation expressions in chapter 10 (the test expressions decide nothing)."""
 
