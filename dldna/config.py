@@ -73,3 +73,12 @@ def data_dir() -> Path | None:
         if candidate.is_dir():
             return candidate
     return None
+
+
+def check_positive_ints(obj: object, names) -> None:
+    """Raise ``ValueError`` naming the first attribute of ``obj`` in ``names`` that is not a positive int
+    (used by the model configs' ``__post_init__``)."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -32,6 +32,7 @@ from dldna.attention.reference import repeat_kv
 from dldna.models.cache import CacheStep, KVCache, attention_mask_from_step, uncached_step
 from dldna.models.generation import CausalLMOutput, causal_lm_loss, generate
 from dldna.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary_pos_emb
+from dldna.config import check_positive_ints
 
 
 @dataclass
@@ -66,11 +67,8 @@ class MistralConfig:
     use_return_dict: bool = True  # accepted for the printed examples; outputs are always dataclasses
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")

@@ -30,6 +30,7 @@ from dldna.models.cache import KVCache, attention_mask_from_step, uncached_step
 from dldna.models.generation import CausalLMOutput, causal_lm_loss, generate
 from dldna.models.layers import RMSNorm, RotaryEmbedding, apply_rotary_pos_emb
 from dldna.models.mistral import sdpa_attention
+from dldna.config import check_positive_ints
 
 __all__ = ["Phi3Config", "Phi3Output", "Phi3Attention", "Phi3MLP", "Phi3DecoderLayer", "Phi3Model", "Phi3ForCausalLM"]
 
@@ -90,11 +91,8 @@ class Phi3Config:
             self.rope_theta = float(params.get("rope_theta", self.rope_theta))
             self.partial_rotary_factor = float(params.get("partial_rotary_factor", self.partial_rotary_factor))
             self.rope_parameters = None  # folded into the two fields above
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                              f"({self.num_attention_heads})")
