@@ -47,6 +47,18 @@ def test_rotary_bf16_angles_computed_in_float32():
     assert (cos16.float() - cos32).abs().max() <= 2 ** -8
 
 
+def test_rotary_table_lookup_equals_direct_angles_for_int_negative_and_fractional_positions():
+    rope = RotaryEmbedding(16, base=500.0, max_position_embeddings=8)
+    x = torch.zeros(1)
+    for pos in (torch.arange(37)[None], torch.tensor([[-3, -1, 0, 5]]), torch.arange(37)[None] / 4.0):
+        cos, sin = rope(x, pos)
+        angles = pos.double()[..., None] * (1.0 / 500.0 ** (torch.arange(0, 16, 2).double() / 16))
+        angles = torch.cat((angles, angles), dim=-1)
+        torch.testing.assert_close(cos.double(), angles.cos(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(sin.double(), angles.sin(), rtol=0, atol=1e-5)
+    assert rope.cos_cached.shape[0] == 64  # the table grew (by doubling) to cover position 36
+
+
 def test_rope_scores_depend_only_on_relative_position():
     seed_everything(0)
     dim = 32

@@ -95,11 +95,12 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
-        """``x`` only supplies dtype and device; ``position_ids`` is ``(B, N)`` (or ``(N,)``) of ints."""
+        """``x`` only supplies dtype and device; ``position_ids`` is ``(B, N)`` (or ``(N,)``), ints or floats."""
         if position_ids.dim() == 1:
             position_ids = position_ids[None]
         position_ids = position_ids.to(x.device)
-        if position_ids.numel() and int(position_ids.min()) < 0:  # e.g. padding slots: compute directly
+        # Negative (padding slots) or fractional (interpolated, e.g. positions / scale) ids have no table row.
+        if position_ids.is_floating_point() or (position_ids.numel() and int(position_ids.min()) < 0):
             emb = self._angles(position_ids)
             return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         self._extend(int(position_ids.max()) + 1 if position_ids.numel() else 1, x.device)
