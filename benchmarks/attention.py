@@ -3,7 +3,7 @@
 For N in {1k, 4k, 16k, 64k}, head_dim in {64, 128}, masks {causal, causal sliding window 1024}, forward and
 forward+backward, bf16, median time of ``triton.testing.do_bench``. Peers: ``scaled_dot_product_attention`` with
 the FLASH (FlashAttention-2), CUDNN and EFFICIENT backends (causal only: none takes a window without a dense
-mask) and ``flex_attention`` compiled, with its block mask built once per shape. One extra row: a BigBird block
+mask) and ``flex_attention`` compiled, with its block mask built once per shape (``dldna.bench.flex_block_mask``). One extra row: a BigBird block
 layout, ``block_sparse_flash_attention`` vs FlexAttention with the same layout.
 
 TFLOP/s count only unmasked work: forward ``4 * D * B * H * pairs`` with pairs = N^2/2 for causal (as is usual)
@@ -72,8 +72,9 @@ def make_fns(mask: str, d: int, n: int, q, k, v):
     """{impl: fn()} for this case; every fn returns the attention output."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
+    from dldna.bench import flex_block_mask
     from dldna.kernels import block_sparse_flash_attention, flash_attention
 
     fns = {}
@@ -103,7 +104,8 @@ def make_fns(mask: str, d: int, n: int, q, k, v):
         def mask_mod(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (q_idx - kv_idx < WINDOW)
 
-    block_mask = create_block_mask(mask_mod, None, None, n, n, device="cuda", _compile=True)
+    # built without torch.compile: create_block_mask(_compile=True) stalled this script's timing process twice
+    block_mask = flex_block_mask(mask_mod, n, block_size=128, device="cuda")
     fns["flex"] = lambda: flex(q, k, v, block_mask=block_mask)
     return fns
 

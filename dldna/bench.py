@@ -113,6 +113,39 @@ def fit_loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return float(slope)
 
 
+def flex_block_mask(mask_mod: Callable, n: int, block_size: int = 128, device: torch.device | str = "cpu"):
+    """FlexAttention ``BlockMask`` for an ``n x n`` mask shared by all batches and heads, built without
+    ``torch.compile``.
+
+    ``create_block_mask(..., _compile=False)`` evaluates ``mask_mod`` on the whole ``n x n`` grid at once (34 GB of
+    int64 differences for a 64k window mask) and ``_compile=True`` starts an Inductor compilation per shape; here
+    ``mask_mod`` is evaluated one query-block row at a time (memory O(block_size * n)). Blocks where every pair is
+    allowed become *full* blocks (no mask_mod call inside the kernel), blocks with some allowed pairs *partial*.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if n <= 0 or block_size <= 0 or n % block_size:
+        raise ValueError(f"n must be a positive multiple of block_size={block_size}, got n={n}")
+    blocks = n // block_size
+    kv_idx = torch.arange(n, device=device)[None, :]
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    allowed_per_block = torch.empty(blocks, blocks, dtype=torch.long, device=device)
+    for row in range(blocks):
+        q_idx = torch.arange(row * block_size, (row + 1) * block_size, device=device)[:, None]
+        allowed = torch.as_tensor(mask_mod(zero, zero, q_idx, kv_idx)).expand(block_size, n)
+        allowed_per_block[row] = allowed.reshape(block_size, blocks, block_size).sum(dim=(0, 2))
+    full = allowed_per_block == block_size * block_size
+    partial = (allowed_per_block > 0) & ~full
+
+    def counts_and_indices(kept: torch.Tensor):
+        # kept block columns first, in increasing order (stable sort of a 0/1 key)
+        order = torch.sort((~kept).to(torch.int8), dim=-1, stable=True).indices
+        return kept.sum(-1).to(torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    return BlockMask.from_kv_blocks(*counts_and_indices(partial), *counts_and_indices(full), BLOCK_SIZE=block_size,
+                                    mask_mod=mask_mod)
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 

@@ -299,3 +299,31 @@ def test_package_works_without_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["causal", "window", "layout"])
+def test_flex_block_mask_equals_create_block_mask(name):
+    """The benchmark's compile-free FlexAttention block mask equals PyTorch's own, block for block."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from dldna.bench import flex_block_mask
+
+    layout = torch.rand(6, 6, generator=torch.Generator().manual_seed(0)) < 0.4
+    mask_mod = {
+        "causal": lambda b, h, q, kv: q >= kv,
+        "window": lambda b, h, q, kv: (q >= kv) & (q - kv < 40),
+        "layout": lambda b, h, q, kv: layout[q // 16, kv // 16],
+    }[name]
+    ours = flex_block_mask(mask_mod, 96, block_size=16)
+    theirs = create_block_mask(mask_mod, None, None, 96, 96, device="cpu", BLOCK_SIZE=16, _compile=False)
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+    for field in ("kv_num_blocks", "full_kv_num_blocks"):
+        assert torch.equal(getattr(ours, field), getattr(theirs, field).to(getattr(ours, field).dtype))
+    q, k, v = (torch.randn(1, 2, 96, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager (unfused) flex_attention on CPU
+        torch.testing.assert_close(flex_attention(q, k, v, block_mask=ours), flex_attention(q, k, v, block_mask=theirs))
+    with pytest.raises(ValueError, match="block_size"):
+        flex_block_mask(mask_mod, 100, block_size=16)
