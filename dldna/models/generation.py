@@ -159,3 +159,26 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 20, temperatu
     finally:
         model.train(was_training)
     return tokens
+
+
+class CausalLMMixin:
+    """``generate`` and ``num_parameters`` for the causal LMs (Mistral, Mixtral-style MoE, Phi-3).
+
+    The model needs a ``config`` with ``eos_token_id`` and ``pad_token_id``; ``generate`` takes :func:`generate`'s
+    arguments with those ids as defaults.
+    """
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                 use_cache: bool = True, **kwargs) -> torch.Tensor:
+        """:func:`dldna.models.generation.generate` with this model; eos / pad ids default to the config's."""
+        kwargs.setdefault("eos_token_id", self.config.eos_token_id)
+        kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, repetition_penalty=repetition_penalty, use_cache=use_cache, **kwargs)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Trainable parameters, shared (tied) tensors counted once; without ``embed_tokens`` if asked."""
+        distinct = {id(p): (name, p) for name, p in self.named_parameters() if p.requires_grad}
+        return sum(p.numel() for name, p in distinct.values()
+                   if not (exclude_embeddings and "embed_tokens" in name))

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from dldna.attention.reference import repeat_kv
 from dldna.models.cache import CacheStep, KVCache, attention_mask_from_step, uncached_step
-from dldna.models.generation import CausalLMOutput, causal_lm_loss, generate
+from dldna.models.generation import CausalLMMixin, CausalLMOutput, causal_lm_loss
 from dldna.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary_pos_emb
 from dldna.config import check_positive_ints
 
@@ -274,7 +274,7 @@ class MistralModel(MistralPreTrainedModel):
         return BaseModelOutput(self.norm(hidden), past_key_values if use_cache else None)
 
 
-class MistralForCausalLM(MistralPreTrainedModel):
+class MistralForCausalLM(CausalLMMixin, MistralPreTrainedModel):
     """``MistralModel`` plus the ``lm_head`` (tied to the embedding when ``tie_word_embeddings``).
 
     ``forward(input_ids, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
@@ -301,22 +301,3 @@ class MistralForCausalLM(MistralPreTrainedModel):
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, past_key_values=out.past_key_values, loss=loss,
                               hidden_states=out.last_hidden_state)
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                 use_cache: bool = True, **kwargs) -> torch.Tensor:
-        """``dldna.models.generation.generate`` with this model's eos / pad ids as defaults."""
-        kwargs.setdefault("eos_token_id", self.config.eos_token_id)
-        kwargs.setdefault("pad_token_id", self.config.pad_token_id)
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, repetition_penalty=repetition_penalty, use_cache=use_cache, **kwargs)
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Trainable parameters, shared (tied) tensors counted once."""
-        seen, total = set(), 0
-        for name, p in self.named_parameters():
-            if id(p) in seen or (exclude_embeddings and "embed_tokens" in name):
-                continue
-            seen.add(id(p))
-            total += p.numel()
-        return total

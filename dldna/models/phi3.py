@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from dldna.attention.reference import repeat_kv
 from dldna.models.cache import KVCache, attention_mask_from_step, uncached_step
-from dldna.models.generation import CausalLMOutput, causal_lm_loss, generate
+from dldna.models.generation import CausalLMMixin, CausalLMOutput, causal_lm_loss
 from dldna.models.layers import RMSNorm, RotaryEmbedding, apply_rotary_pos_emb
 from dldna.models.mistral import sdpa_attention
 from dldna.config import check_positive_ints
@@ -306,7 +306,7 @@ class Phi3Model(nn.Module):
         return self.norm(x), cache, (tuple(attentions) if output_attentions else None)
 
 
-class Phi3ForCausalLM(nn.Module):
+class Phi3ForCausalLM(CausalLMMixin, nn.Module):
     """``Phi3Model`` (kept under ``.model``, as in HF) plus ``lm_head``; ties it to the embeddings if configured.
 
     ``forward(input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
@@ -341,10 +341,6 @@ class Phi3ForCausalLM(nn.Module):
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
 
-    def num_parameters(self) -> int:
-        """Distinct trainable parameters (a tied embedding counts once)."""
-        return sum(p.numel() for p in {id(p): p for p in self.parameters() if p.requires_grad}.values())
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
                 use_cache: bool | None = None, labels: torch.Tensor | None = None,
@@ -354,12 +350,3 @@ class Phi3ForCausalLM(nn.Module):
         logits = self.lm_head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return Phi3Output(logits=logits, past_key_values=cache, loss=loss, hidden_states=None, attentions=attentions)
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                 use_cache: bool = True, **kwargs) -> torch.Tensor:
-        """``dldna.models.generation.generate`` with this model; eos / pad ids default to the config's."""
-        kwargs.setdefault("eos_token_id", self.config.eos_token_id)
-        kwargs.setdefault("pad_token_id", self.config.pad_token_id)
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, repetition_penalty=repetition_penalty, use_cache=use_cache, **kwargs)
