@@ -93,3 +93,24 @@ def provenance(record: dict) -> str:
     """One line saying where a stored result came from: device, date, versions and command."""
     versions = f"torch {record['torch']}" + (f", triton {record['triton']}" if record.get("triton") else "")
     return f"Measured on {record['device']} on {record['date']} ({versions}) with `{record['command']}`"
+
+
+def stored_results() -> list[dict]:
+    """Name, device, date and command of every stored result (first copy found per name), sorted by name."""
+    found: dict[str, dict] = {}
+    for folder in _search_dirs():
+        for path in sorted(folder.glob("*.json")):
+            if path.stem not in found:
+                record = json.loads(path.read_text())
+                found[path.stem] = {key: record.get(key) for key in ("device", "date", "command")}
+    return [{"name": name, **found[name]} for name in sorted(found)]
+
+
+def main() -> None:
+    """``python -m dldna.results``: which stored result came from which command on which device."""
+    for row in stored_results():
+        print(f"{row['name']:40s} {row['date']}  {row['device']}\n{'':40s} {row['command']}")
+
+
+if __name__ == "__main__":
+    main()

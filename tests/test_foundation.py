@@ -118,6 +118,20 @@ def test_results_round_trip(tmp_path, monkeypatch):
         result_file("missing.pt")
     with pytest.raises(ValueError, match="name"):
         save_result("a/b", {}, "cmd")
+    from dldna.results import stored_results
+
+    listed = {row["name"]: row for row in stored_results()}
+    assert listed["unit_test"]["command"] == "python -m unit"  # the first search folder wins
+    assert "attention_cost_gpu" in listed  # repository results/ is listed too
+
+
+def test_every_stored_result_names_its_device_date_and_command():
+    from dldna.results import stored_results
+
+    rows = stored_results()
+    assert len(rows) > 10
+    for row in rows:
+        assert row["device"] and row["date"] and row["command"].startswith("python"), row
 
 
 def test_stored_gpu_result_has_provenance_and_quadratic_naive_memory():
