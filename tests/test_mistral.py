@@ -337,6 +337,19 @@ def test_printed_math_names_use_safe_labels():
     assert out.startswith("3+4=") and len(out) <= 12 + 1
 
 
+def test_wider_range_training_data_never_contains_an_evaluated_expression():
+    from dldna.data.arithmetic import safe_eval
+    from dldna.examples.mistral_tasks import wider_range_expressions
+
+    extra = wider_range_expressions(20, 30)
+    assert len(extra) == len({p.expression for p in extra}) == 3 * (31 ** 2 - 21 ** 2)
+    evaluated = {f"{a}{op}{b}" for a in range(21) for b in range(21) for op in "+-*"}
+    assert not evaluated & {p.expression for p in extra}
+    assert all(p.answer == safe_eval(p.expression) for p in extra[::97])
+    with pytest.raises(ValueError, match="train_max_operand"):
+        wider_range_expressions(20, 20)
+
+
 # ------------------------------------------------------------------------------------------- WikiSQL
 ROW = {"question": "How many schools did player number 3 play at after Butler CC (KS)?",
        "sql": {"sel": 5, "agg": 3, "conds": [[1, 0, 3], [4, 1, "butler cc (ks)"]]}}

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from dldna.config import device as default_device
 from dldna.config import fast, seed_everything
-from dldna.data.arithmetic import ArithmeticDataset, ArithmeticTokenizer, arithmetic_dataset, pad_batch, parse_answer
+from dldna.data.arithmetic import (ArithmeticDataset, ArithmeticTokenizer, Problem, arithmetic_dataset, pad_batch,
+                                   parse_answer, safe_eval)
 from dldna.data.sequences import SimpleDataset, create_simple_data, expected_continuation, valid_starts
 from dldna.models.generation import causal_lm_loss
 from dldna.models.mistral import MistralConfig, MistralForCausalLM
@@ -174,26 +175,46 @@ ARITHMETIC_VARIANTS = {
     "wide": dict(hidden_size=256, intermediate_size=1024),
     "long_wd1": dict(steps=8000, weight_decay=1.0),
     "long_wd1_reversed": dict(steps=8000, weight_decay=1.0, reverse_answer=True),
+    "range50_reversed": dict(steps=8000, reverse_answer=True, train_max_operand=50),
+    "range99_reversed": dict(steps=8000, reverse_answer=True, train_max_operand=99),
+    "range99_reversed_long": dict(steps=16000, reverse_answer=True, train_max_operand=99),
+    "range50_reversed_long_wd1": dict(steps=16000, weight_decay=1.0, reverse_answer=True, train_max_operand=50),
 }
 """Settings compared on the validation expressions in chapter 10 (the test expressions decide nothing)."""
+
+
+def wider_range_expressions(max_operand: int, train_max_operand: int) -> list[Problem]:
+    """Every two-operand ``+ - *`` expression with operands in ``[0, train_max_operand]`` and at least one
+    operand above ``max_operand``: extra training data that cannot contain an expression of the evaluated range."""
+    if train_max_operand <= max_operand:
+        raise ValueError(f"train_max_operand must exceed max_operand={max_operand}, got {train_max_operand}")
+    return [Problem(f"{a}{op}{b}", safe_eval(f"{a}{op}{b}"))
+            for a in range(train_max_operand + 1) for b in range(train_max_operand + 1) for op in "+-*"
+            if max(a, b) > max_operand]
 
 
 def run_arithmetic_task(n_test: int = 132, n_val: int = 0, max_operand: int = 20, steps: int = 6000,
                         batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.1,
                         reverse_answer: bool = False, seed: int = 0, device=None, progress: bool = True,
-                        eval_every: int | None = None, **config_overrides) -> dict[str, Any]:
+                        eval_every: int | None = None, train_max_operand: int | None = None,
+                        **config_overrides) -> dict[str, Any]:
     """Two-operand ``+ - *`` with operands in ``[0, max_operand]``; ``n_val`` + ``n_test`` expressions held out.
 
     All ``3 * (max_operand + 1)^2`` distinct expressions are split by expression string
     (``dldna.data.arithmetic_dataset``): validation and test expressions never appear in training (their
-    commuted twins ``b op a`` may). The loss covers the answer and ``<eos>`` only. Returns loss curve and the
-    exact-match accuracy on train, validation (if any) and test expressions.
+    commuted twins ``b op a`` may). With ``train_max_operand`` the training set also gets every expression with
+    an operand in ``(max_operand, train_max_operand]`` (:func:`wider_range_expressions`), so the model sees the
+    rule on many more examples; evaluation stays on the held-out expressions of the ``[0, max_operand]`` range.
+    The loss covers the answer and ``<eos>`` only. Returns loss curve and the exact-match accuracy on train,
+    validation (if any) and test expressions.
     """
     device = torch.device(device) if device is not None else default_device()
     seed_everything(seed)
     total = 3 * (max_operand + 1) ** 2
     split = arithmetic_dataset("simple", n_train=total - n_test - n_val, n_val=n_val, n_test=n_test, seed=seed,
                                max_operand=max_operand)
+    if train_max_operand is not None:
+        split["train"] = split["train"] + wider_range_expressions(max_operand, train_max_operand)
     tok = ArithmeticTokenizer()
     train_ds = ArithmeticDataset(split["train"], tok, reverse_answer=reverse_answer)
     loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=True,
@@ -215,6 +236,7 @@ def run_arithmetic_task(n_test: int = 132, n_val: int = 0, max_operand: int = 20
     return {"task": "arithmetic", "n_train": len(split["train"]), "n_val": len(split["val"]),
             "n_test": len(split["test"]), "max_operand": max_operand, "steps": steps, "lr": lr,
             "weight_decay": weight_decay, "reverse_answer": reverse_answer, "batch_size": batch_size,
+            "train_max_operand": train_max_operand,
             "loss": hist["loss"], "train_acc": train_acc, "val_acc": val_acc, "test_acc": test_acc, "test_errors": [r for r in records if not r["correct"]],
             "examples": records[:10], "train_s": train_s, "config": model.config.to_dict(),
             "eval_step": hist.get("eval_step", []), "eval_train_acc": hist.get("eval_train_acc", [])}
