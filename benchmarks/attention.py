@@ -3,8 +3,8 @@
 For N in {1k, 4k, 16k, 64k}, head_dim in {64, 128}, masks {causal, causal sliding window 1024}, forward and
 forward+backward, bf16, median time of ``triton.testing.do_bench``. Peers: ``scaled_dot_product_attention`` with
 the FLASH (FlashAttention-2), CUDNN and EFFICIENT backends (causal only: none takes a window without a dense
-mask) and ``flex_attention`` compiled, with its block mask built once per shape (``dldna.bench.flex_block_mask``). One extra row: a BigBird block
-layout, ``block_sparse_flash_attention`` vs FlexAttention with the same layout.
+mask) and ``flex_attention`` compiled, with its block mask built once per shape (``dldna.bench.flex_block_mask``).
+One extra row: a BigBird block layout, ``block_sparse_flash_attention`` vs FlexAttention with the same layout.
 
 TFLOP/s count only unmasked work: forward ``4 * D * B * H * pairs`` with pairs = N^2/2 for causal (as is usual)
 and the exact number of allowed pairs for windows and layouts; forward+backward counts 3.5x the forward (the

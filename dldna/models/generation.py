@@ -179,6 +179,6 @@ class CausalLMMixin:
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Trainable parameters, shared (tied) tensors counted once; without ``embed_tokens`` if asked."""
-        distinct = {id(p): (name, p) for name, p in self.named_parameters() if p.requires_grad}
-        return sum(p.numel() for name, p in distinct.values()
-                   if not (exclude_embeddings and "embed_tokens" in name))
+        # named_parameters() yields a tied tensor once, under its first name (the embedding's)
+        return sum(p.numel() for name, p in self.named_parameters()
+                   if p.requires_grad and not (exclude_embeddings and "embed_tokens" in name))
