@@ -179,6 +179,8 @@ ARITHMETIC_VARIANTS = {
     "range99_reversed": dict(steps=8000, reverse_answer=True, train_max_operand=99),
     "range99_reversed_long": dict(steps=16000, reverse_answer=True, train_max_operand=99),
     "range50_reversed_long_wd1": dict(steps=16000, weight_decay=1.0, reverse_answer=True, train_max_operand=50),
+    "range99_reversed_xl": dict(steps=32000, reverse_answer=True, train_max_operand=99),
+    "range99_reversed_xl_wd1": dict(steps=32000, weight_decay=1.0, reverse_answer=True, train_max_operand=99),
 }
 """Settings compared on the validation expressions in chapter 10 (the test expressions decide nothing)."""
 
