@@ -282,10 +282,11 @@ class MistralForCausalLM(CausalLMMixin, MistralPreTrainedModel):
     next-token cross-entropy on ``labels`` (``-100`` ignored), shifted inside as in HF.
     """
 
-    def __init__(self, config: MistralConfig):
+    def __init__(self, config: MistralConfig, model: MistralModel | None = None):
+        """``model`` replaces the default ``MistralModel(config)`` (the MoE model passes its own)."""
         super().__init__()
         self.config = config
-        self.model = MistralModel(config)
+        self.model = MistralModel(config) if model is None else model
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._init_weights(self.lm_head)
         if config.tie_word_embeddings:

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dldna.models.generation import CausalLMOutput, causal_lm_loss
+from dldna.models.generation import CausalLMOutput
 from dldna.models.layers import GatedMLP
-from dldna.models.mistral import MistralConfig, MistralForCausalLM, MistralModel, MistralPreTrainedModel
+from dldna.models.mistral import MistralConfig, MistralForCausalLM, MistralModel
 
 __all__ = ["MoEConfig", "SparseMoeBlock", "MoEExperts", "MoEModel", "MoEForCausalLM", "MoECausalLMOutput",
            "RoutingInfo", "route_top_k", "load_balancing_loss", "router_z_loss", "expert_capacity",
@@ -338,22 +338,16 @@ class MoEForCausalLM(MistralForCausalLM):
     """
 
     def __init__(self, config: MoEConfig):
-        MistralPreTrainedModel.__init__(self)  # not MistralForCausalLM.__init__: no dense model to throw away
-        self.config = config
-        self.model = MoEModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self._init_weights(self.lm_head)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        super().__init__(config, model=MoEModel(config))
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 use_cache: bool | None = None, output_router_logits: bool | None = None, **kwargs) -> MoECausalLMOutput:
-        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
-        logits = self.lm_head(out.last_hidden_state)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        out = super().forward(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                              use_cache=use_cache)
+        logits, loss = out.logits, out.loss
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         router_logits = tuple(block.routing.router_logits for block in self.model.moe_blocks())
@@ -366,7 +360,7 @@ class MoEForCausalLM(MistralForCausalLM):
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux + self.config.router_z_loss_coef * z
         return MoECausalLMOutput(logits=logits, past_key_values=out.past_key_values, loss=loss,
-                                 hidden_states=out.last_hidden_state, aux_loss=aux, z_loss=z,
+                                 hidden_states=out.hidden_states, aux_loss=aux, z_loss=z,
                                  router_logits=router_logits if output_router_logits else ())
 
     def num_active_parameters(self, exclude_embeddings: bool = False) -> int:
