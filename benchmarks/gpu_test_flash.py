@@ -180,6 +180,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--out", default="gpu_test.jsonl")
+    parser.add_argument("--out-dir", default=None,
+                        help="also write <out-dir>/flash_attention_gpu_test.json (device, date, command) with every row")
     parser.add_argument("--only", nargs="+", choices=["matrix", "configs", "sparse"], default=None,
                         help="run only these groups")
     args = parser.parse_args()
@@ -207,6 +209,20 @@ def main():
             worst[key] = max(worst.get(key, 0.0), *(r["errors"][g] for g in ("out", "dq", "dk", "dv")))
     print(f"{len(rows) - len(failed)}/{len(rows)} cases passed in {time.time() - t0:.0f} s; worst relative error "
           f"per dtype: {worst}")
+    if args.out_dir:
+        from dldna.results import save_result
+
+        data = {"cases": len(rows), "passed": len(rows) - len(failed), "worst_relative_error": worst,
+                "failed": failed, "groups": args.only or "all", "wall_s": round(time.time() - t0, 1),
+                "bounds": "relative Frobenius error vs float64 on the same rounded inputs: out < 5e-3 (fp16, "
+                          "fp32/TF32) / 2e-2 (bf16), gradients < 2x that; lse within 10x; rows without keys zero "
+                          "with lse -inf", "rows": rows}
+        shown = [a for a in sys.argv[1:]]
+        if "--out-dir" in shown:  # where the file went is not part of what was run
+            i = shown.index("--out-dir")
+            del shown[i : i + 2]
+        print("wrote", save_result("flash_attention_gpu_test", data, "python benchmarks/gpu_test_flash.py " + " ".join(shown),
+                                   out_dir=args.out_dir))
     for r in failed[:20]:
         print("FAILED", r["group"], r["case"], r.get("dtype"), json.dumps(r["errors"])[:600])
     sys.exit(1 if failed else 0)

@@ -278,6 +278,26 @@ def test_report_helpers_on_a_synthetic_record():
     assert "MISSED t: not measured" in targets_table(record)
     fig = plot_benchmark(record)
     assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 4
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["dldna (Triton)", "FlexAttention"]
+
+
+def test_peer_speedups_and_kernel_times_read_the_stored_fields():
+    from dldna.kernels.report import kernel_times, peer_speedups
+
+    ratios = [{"peer": "flex", "pass": "fwd", "speedup_vs_peer": s} for s in (0.5, 1.5, 2.0)]
+    tuning = [{"kernel": kernel, "key": f"(128, 'torch.bfloat16', {window}, True, 16384, 16384, False)",
+               "times_ms": {"a": ms + 10 * window, "b": ms + 11}} for kernel, ms in (("fwd", 2.0), ("dq", 3.0)) for window in
+              (False, True)]
+    tuning.append({"kernel": "dkdv", "key": "(64, 'torch.bfloat16', False, True, 16384, 16384, False)",
+                   "times_ms": {"a": 9.0}})  # another head_dim
+    tuning.append({"kernel": "fwd", "key": "(128, ...)", "config": "x", "error": "OutOfResources"})  # failed config
+    record = {"data": {"ratios": ratios, "tuning": tuning}}
+    line = peer_speedups(record).splitlines()[1]
+    assert line.split()[:2] == ["FlexAttention", "fwd"] and line.split()[2:] == ["2/3", "0.50", "1.50", "2.00"]
+    assert kernel_times(record, "causal", 128, 16384) == {"fwd": 2.0, "dq": 3.0}
+    assert kernel_times(record, "window", 128, 16384) == {"fwd": 12.0, "dq": 13.0}
+    assert kernel_times(record, "causal", 64, 16384) == {"dkdv": 9.0}
+    assert kernel_times(record, "causal", 128, 4096) == {}
 
 
 def test_package_works_without_triton():

@@ -45,6 +45,38 @@ def targets_table(record: dict) -> str:
     return "\n".join(out)
 
 
+def peer_speedups(record: dict) -> str:
+    """Per peer and pass: in how many rows dldna is faster, and the smallest / median / largest speed-up
+    (peer time / dldna time; > 1 means dldna is faster) over every (mask, head_dim, N) both ran."""
+    import statistics
+
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in record["data"]["ratios"]:
+        groups.setdefault((r["peer"], r["pass"]), []).append(r["speedup_vs_peer"])
+    lines = [f"{'peer':24} {'pass':8} {'dldna faster':>13} {'min':>6} {'median':>7} {'max':>6}"]
+    for (peer, pass_name), values in sorted(groups.items()):
+        faster = sum(v > 1 for v in values)
+        lines.append(f"{LABELS.get(peer, peer):24} {pass_name:8} {f'{faster}/{len(values)}':>13} {min(values):>6.2f} "
+                     f"{statistics.median(values):>7.2f} {max(values):>6.2f}")
+    return "\n".join(lines)
+
+
+def kernel_times(record: dict, mask: str, head_dim: int, n: int) -> dict[str, float]:
+    """The tuned (fastest) time in ms of each of dldna's kernels (``fwd``, ``dq``, ``dkdv``) for one benchmark
+    case, read off the autotuner's log stored with the run (the backward is the ``dq`` plus the ``dkdv`` kernel)."""
+    causal = mask != "full"
+    times = {}
+    for entry in record["data"].get("tuning", []):
+        if "times_ms" not in entry:
+            continue
+        key = entry["key"].strip("()").split(", ")
+        # key: head_dim, dtype, window?, causal, Nq, Nk, ... (see flash_triton's launchers)
+        if int(key[0]) == head_dim and key[2] == str(mask == "window") and key[3] == str(causal) \
+                and int(key[4]) == n and int(key[5]) == n:
+            times[entry["kernel"]] = min(entry["times_ms"].values())
+    return times
+
+
 def plot_benchmark(record: dict, passes=("fwd", "fwd+bwd")):
     """TFLOP/s against N: one panel per (mask, head_dim), one line per implementation, solid fwd / dashed fwd+bwd."""
     rows = [r for r in record["data"]["rows"] if "tflops" in r and r["mask"] in ("causal", "window")]
@@ -63,8 +95,13 @@ def plot_benchmark(record: dict, passes=("fwd", "fwd+bwd")):
         ax.set_xlabel("sequence length N")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("TFLOP/s (unmasked work)")
-    axes[0][-1].legend(fontsize=7, title="solid fwd, dashed fwd+bwd", title_fontsize=7)
-    fig.tight_layout()
+    labelled = {}  # one legend for the figure: the window panels have fewer implementations than the causal ones
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(label, handle)
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
+    fig.legend(labelled.values(), labelled.keys(), loc="upper center", ncol=len(labelled), fontsize=8,
+               title="solid: forward, dashed: forward+backward", title_fontsize=8, frameon=False)
     return fig
 
 
