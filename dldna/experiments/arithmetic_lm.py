@@ -275,11 +275,11 @@ def attention_maps(model: Phi3ForCausalLM, problem: Problem, tokenizer: Arithmet
 def load_trained_model(path: str | None = None) -> tuple[Phi3ForCausalLM, RunConfig]:
     """A model saved by ``--part final``, in eval mode on the CPU.
 
-    Default: ``results/phi3_arithmetic_model_v2.pt``, chapter 11's best run (``--part final --steps 3000 --tag _v2``).
+    Default: ``results/phi3_arithmetic_model_v3.pt``, chapter 11's best run (``--part final --budget-s 270 --tag _v3``).
     """
     from dldna.results import results_dir
 
-    path = path or str(results_dir() / "phi3_arithmetic_model_v2.pt")
+    path = path or str(results_dir() / "phi3_arithmetic_model_v3.pt")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model = Phi3ForCausalLM(Phi3Config(**saved["config"]))
     model.load_state_dict(saved["state_dict"])
