@@ -350,6 +350,18 @@ def test_wider_range_training_data_never_contains_an_evaluated_expression():
         wider_range_expressions(20, 20)
 
 
+def test_arithmetic_time_budget_cuts_steps_without_changing_the_run():
+    from dldna.examples.mistral_tasks import run_arithmetic_task
+
+    small = dict(n_test=12, n_val=6, max_operand=4, batch_size=16, progress=False, device="cpu")
+    plain = run_arithmetic_task(steps=12, **small)
+    roomy = run_arithmetic_task(steps=12, time_budget_s=1e6, **small)
+    assert roomy["steps"] == roomy["steps_planned"] == 12 and roomy["probe_step_s"] > 0
+    assert roomy["loss"] == plain["loss"]  # the probe model leaves the random state untouched
+    tight = run_arithmetic_task(steps=400, time_budget_s=1e-9, **small)
+    assert tight["steps"] == 10 and tight["steps_planned"] == 400 and len(tight["loss"]) == 10
+
+
 # ------------------------------------------------------------------------------------------- WikiSQL
 ROW = {"question": "How many schools did player number 3 play at after Butler CC (KS)?",
        "sql": {"sel": 5, "agg": 3, "conds": [[1, 0, 3], [4, 1, "butler cc (ks)"]]}}

@@ -181,6 +181,11 @@ ARITHMETIC_VARIANTS = {
     "range50_reversed_long_wd1": dict(steps=16000, weight_decay=1.0, reverse_answer=True, train_max_operand=50),
     "range99_reversed_xl": dict(steps=32000, reverse_answer=True, train_max_operand=99),
     "range99_reversed_xl_wd1": dict(steps=32000, weight_decay=1.0, reverse_answer=True, train_max_operand=99),
+    # GPU runs: a step costs about the same at batch 256 as at 64 there, so these see 4x the examples per step
+    "range99_reversed_b256_wd1": dict(steps=10000, batch_size=256, weight_decay=1.0, reverse_answer=True,
+                                      train_max_operand=99),
+    "range99_reversed_wide_b256_wd1": dict(steps=8000, batch_size=256, weight_decay=1.0, reverse_answer=True,
+                                           train_max_operand=99, hidden_size=256, intermediate_size=1024),
 }
 """Settings compared on the validation expressions in chapter 10 (the test expressions decide nothing)."""
 
@@ -195,11 +200,27 @@ def wider_range_expressions(max_operand: int, train_max_operand: int) -> list[Pr
             if max(a, b) > max_operand]
 
 
+def steps_within_budget(build, make_loader, budget_s: float, lr: float, weight_decay: float, device,
+                        amp_dtype, warmup_steps: int = 10, probe_steps: int = 20) -> tuple[int, float]:
+    """How many optimizer steps fit in ``budget_s`` seconds, and the measured seconds per step.
+
+    A throwaway model from ``build()`` trains ``warmup_steps`` (CUDA context, kernels, allocator), then
+    ``probe_steps`` timed steps. A concurrent job on the same GPU makes the probe pessimistic, never optimistic.
+    """
+    probe = build()
+    opt = make_adamw(probe, lr=lr, weight_decay=weight_decay)
+    train(probe, make_loader(), opt, max_steps=warmup_steps, device=device, amp_dtype=amp_dtype, progress=False)
+    t0 = time.perf_counter()
+    train(probe, make_loader(), opt, max_steps=probe_steps, device=device, amp_dtype=amp_dtype, progress=False)
+    per_step = (time.perf_counter() - t0) / probe_steps
+    return max(10, int(budget_s / per_step)), per_step
+
+
 def run_arithmetic_task(n_test: int = 132, n_val: int = 0, max_operand: int = 20, steps: int = 6000,
                         batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.1,
                         reverse_answer: bool = False, seed: int = 0, device=None, progress: bool = True,
                         eval_every: int | None = None, train_max_operand: int | None = None,
-                        **config_overrides) -> dict[str, Any]:
+                        time_budget_s: float | None = None, **config_overrides) -> dict[str, Any]:
     """Two-operand ``+ - *`` with operands in ``[0, max_operand]``; ``n_val`` + ``n_test`` expressions held out.
 
     All ``3 * (max_operand + 1)^2`` distinct expressions are split by expression string
@@ -207,8 +228,9 @@ def run_arithmetic_task(n_test: int = 132, n_val: int = 0, max_operand: int = 20
     commuted twins ``b op a`` may). With ``train_max_operand`` the training set also gets every expression with
     an operand in ``(max_operand, train_max_operand]`` (:func:`wider_range_expressions`), so the model sees the
     rule on many more examples; evaluation stays on the held-out expressions of the ``[0, max_operand]`` range.
-    The loss covers the answer and ``<eos>`` only. Returns loss curve and the exact-match accuracy on train,
-    validation (if any) and test expressions.
+    The loss covers the answer and ``<eos>`` only. With ``time_budget_s`` the run is cut to the steps that fit
+    (:func:`steps_within_budget`; the cosine schedule spans the steps actually run, ``steps_planned`` keeps the
+    request). Returns loss curve and the exact-match accuracy on train, validation (if any) and test expressions.
     """
     device = torch.device(device) if device is not None else default_device()
     seed_everything(seed)
@@ -219,9 +241,23 @@ def run_arithmetic_task(n_test: int = 132, n_val: int = 0, max_operand: int = 20
         split["train"] = split["train"] + wider_range_expressions(max_operand, train_max_operand)
     tok = ArithmeticTokenizer()
     train_ds = ArithmeticDataset(split["train"], tok, reverse_answer=reverse_answer)
-    loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
-    model = MistralForCausalLM(arithmetic_config(tok.vocab_size, tok.pad_id, tok.eos_id, **config_overrides)).to(device)
+    amp = "bf16" if device.type == "cuda" else None
+
+    def make_loader():
+        return DataLoader(train_ds, batch_size=batch_size, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(seed))
+
+    def build():
+        config = arithmetic_config(tok.vocab_size, tok.pad_id, tok.eos_id, **config_overrides)
+        return MistralForCausalLM(config).to(device)
+
+    steps_planned, probe_s = steps, None
+    if time_budget_s is not None:  # the probe leaves the random state as it found it: same weights as without
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            fit, probe_s = steps_within_budget(build, make_loader, time_budget_s, lr, weight_decay, device, amp)
+        steps = min(steps, fit)
+    loader = make_loader()
+    model = build()
     optimizer = make_adamw(model, lr=lr, weight_decay=weight_decay)
     scheduler = cosine_with_warmup(optimizer, warmup_steps=min(200, steps // 10), total_steps=steps)
     eval_fn = None
@@ -229,14 +265,15 @@ def run_arithmetic_task(n_test: int = 132, n_val: int = 0, max_operand: int = 20
         eval_fn = lambda m: {"train_acc": evaluate_arithmetic(m, split["train"][:256], tok, reverse_answer, device)[0]}  # noqa: E731
     t0 = time.perf_counter()
     hist = train(model, loader, optimizer, scheduler=scheduler, max_steps=steps, grad_clip=1.0, device=device,
-                 amp_dtype="bf16" if device.type == "cuda" else None, progress=progress, desc="arithmetic",
+                 amp_dtype=amp, progress=progress, desc="arithmetic",
                  eval_fn=eval_fn, eval_every=eval_every)
     train_s = time.perf_counter() - t0
     test_acc, records = evaluate_arithmetic(model, split["test"], tok, reverse_answer, device)
     train_acc, _ = evaluate_arithmetic(model, split["train"], tok, reverse_answer, device)
     val_acc = evaluate_arithmetic(model, split["val"], tok, reverse_answer, device)[0] if split["val"] else None
     return {"task": "arithmetic", "n_train": len(split["train"]), "n_val": len(split["val"]),
-            "n_test": len(split["test"]), "max_operand": max_operand, "steps": steps, "lr": lr,
+            "n_test": len(split["test"]), "max_operand": max_operand, "steps": steps, "steps_planned": steps_planned,
+            "time_budget_s": time_budget_s, "probe_step_s": probe_s, "lr": lr,
             "weight_decay": weight_decay, "reverse_answer": reverse_answer, "batch_size": batch_size,
             "train_max_operand": train_max_operand,
             "loss": hist["loss"], "train_acc": train_acc, "val_acc": val_acc, "test_acc": test_acc, "test_errors": [r for r in records if not r["correct"]],
@@ -369,14 +406,7 @@ def run_wikisql_task(train_split: str = "test", eval_split: str = "dev", time_bu
 
     probe_s = None
     if max_steps is None:  # measure the step time, then size the run to the budget
-        probe = build()
-        opt = make_adamw(probe, lr=lr, weight_decay=weight_decay)
-        train(probe, loader(), opt, max_steps=10, device=device, amp_dtype=amp, progress=False)  # warm-up
-        t0 = time.perf_counter()
-        train(probe, loader(), opt, max_steps=20, device=device, amp_dtype=amp, progress=False)
-        probe_s = (time.perf_counter() - t0) / 20
-        max_steps = max(10, int(time_budget_s / probe_s))
-        del probe, opt
+        max_steps, probe_s = steps_within_budget(build, loader, time_budget_s, lr, weight_decay, device, amp)
     model = build()
     optimizer = make_adamw(model, lr=lr, weight_decay=weight_decay)
     scheduler = cosine_with_warmup(optimizer, warmup_steps=min(300, max_steps // 10), total_steps=max_steps,
@@ -404,7 +434,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("task", choices=["seq", "math", "sql"])
     parser.add_argument("--save", action="store_true", help="write results/mistral_<task>.json")
     parser.add_argument("--out-dir", default=None, help="folder for the result file (default results/)")
-    parser.add_argument("--budget", type=float, default=None, help="WikiSQL training seconds")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="training seconds (sql: sizes the run; math: cuts the variant's steps to fit)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (math, sql)")
     parser.add_argument("--variant", default="base", choices=sorted(ARITHMETIC_VARIANTS), help="math settings")
     parser.add_argument("--n-val", type=int, default=0, help="math: validation expressions")
@@ -415,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     elif args.task == "math":
         settings = dict(ARITHMETIC_VARIANTS[args.variant])
         settings["steps"] = args.steps or fast(settings.get("steps", 6000), 60)
-        result = run_arithmetic_task(n_val=args.n_val, progress=False, **settings)
+        result = run_arithmetic_task(n_val=args.n_val, progress=False, time_budget_s=args.budget, **settings)
         result["variant"] = args.variant
         summary = (f"{args.variant}: test exact match {result['test_acc']:.4f}, val {result['val_acc']}, "
                    f"train {result['train_acc']:.4f}, {result['train_s']:.0f} s")
