@@ -353,3 +353,19 @@ def test_concatenated_long_inputs_and_truncate():
     short = truncate(long, "bert-base-uncased", 4)
     assert short.input_ids.tolist() == [[101, 5, 6, 102], [101, 7, 8, 102], [101, 10, 5, 102]]
     assert short.lengths.tolist() == [4, 4, 4]
+
+
+@needs_bert
+@needs_agnews
+def test_run_all_trains_once_per_seed_and_ensembles_every_run():
+    from dldna.models.encoder_experiments import Recipe, run_all
+
+    size = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    result = run_all(Recipe.tiny(), size=size, device="cpu", limit_train=200, limit_test=100, versions=("v2",),
+                     tokenizers=("bert-base-uncased",), ckpt_bench=None, baseline=False, extrapolation_length=64,
+                     seeds=(0, 1), log=lambda *args: None)
+    runs = result["runs"]
+    assert [(r["name"], r["seed"]) for r in runs] == [("v2-bert-base-uncased", 0), ("v2-bert-base-uncased-seed1", 1)]
+    assert runs[0]["finetune"]["val_curve"] != runs[1]["finetune"]["val_curve"] or \
+        runs[0]["test"] != runs[1]["test"]  # a different seed is a different model
+    assert len(result["ensemble"]["members"]) == 2

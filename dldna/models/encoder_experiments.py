@@ -331,11 +331,13 @@ def run_all(recipe: Recipe | None = None, size: dict | None = None, device: torc
             limit_train: int | None = None, limit_test: int | None = None, versions=("v1", "v2"),
             tokenizers=TOKENIZERS, extrapolation_length: int = 256, ckpt_bench: tuple[int, int] | None = (64, 512),
             baseline: bool | tuple[str, ...] = True, no_mlm_ablation: tuple[str, ...] = (), progress: bool = False, log=print,
-            on_update=None) -> dict:
+            on_update=None, seeds: tuple[int, ...] | None = None) -> dict:
     """Train and test every configuration; returns a JSON-serialisable dict (see the module docstring).
 
     ``baseline`` may name the TF-IDF classifiers to fit (e.g. ``("LinearSVC",)``). ``on_update(result)`` is called after every run (to save partial results). ``no_mlm_ablation`` names runs (e.g. ``"v2-bert-base-uncased"``) to fine-tune a second time from a random
-    initialisation, to measure what the MLM warm start buys (``result["ablation_no_mlm"]``).
+    initialisation, to measure what the MLM warm start buys (``result["ablation_no_mlm"]``). ``seeds`` trains every
+    configuration once per seed (default: ``recipe.seed`` only); runs after the first seed are named ``...-seedN``
+    and the ensemble averages every run.
     """
     recipe = recipe or Recipe()
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -367,15 +369,16 @@ def run_all(recipe: Recipe | None = None, size: dict | None = None, device: torc
         tokenize_s = time.perf_counter() - t0
         long_test = concatenated_long_inputs(enc_test_full, tok_name, extrapolation_length)
         long_test_128 = truncate(long_test, tok_name, recipe.max_length)
-        for version in versions:
+        for version, seed in [(v, s) for v in versions for s in (seeds or (recipe.seed,))]:
             cfg = model_config(tok_name, version, size, max_position_embeddings=max(512, extrapolation_length))
-            name = f"{version}-{tok_name}"
+            name = f"{version}-{tok_name}" + (f"-seed{seed}" if seeds and seed != seeds[0] else "")
+            run_recipe = replace(recipe, seed=seed)
             run = {"name": name, "version": version, "position": cfg.position, "tokenizer": tok_name,
-                   "config": cfg.to_dict(), "tokenize_s": tokenize_s}
+                   "config": cfg.to_dict(), "tokenize_s": tokenize_s, "seed": seed}
             state = None
             if recipe.mlm_steps > 0:
-                state, run["mlm"] = pretrain_mlm(enc_mlm, cfg, recipe, tok_name, dev, progress)
-            model, run["finetune"] = finetune(enc_train, enc_val, cfg, recipe, dev, state, progress)
+                state, run["mlm"] = pretrain_mlm(enc_mlm, cfg, run_recipe, tok_name, dev, progress)
+            model, run["finetune"] = finetune(enc_train, enc_val, cfg, run_recipe, dev, state, progress)
             test_logits = predict_logits(model, enc_test, recipe.eval_batch_size, dev)
             run["test"] = classification_metrics(test_logits, enc_test.labels)
             run["val_accuracy"] = run["finetune"]["val_accuracy"]
@@ -395,7 +398,7 @@ def run_all(recipe: Recipe | None = None, size: dict | None = None, device: torc
             }
             result["runs"].append(run)
             if name in no_mlm_ablation and recipe.mlm_steps > 0:
-                scratch, summary = finetune(enc_train, enc_val, cfg, recipe, dev, None, progress)
+                scratch, summary = finetune(enc_train, enc_val, cfg, run_recipe, dev, None, progress)
                 result["ablation_no_mlm"].append({"name": name, "finetune": summary, "val_accuracy": summary["val_accuracy"],
                                                   "test": classification_metrics(
                                                       predict_logits(scratch, enc_test, recipe.eval_batch_size, dev),
@@ -459,6 +462,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the TF-IDF baseline (run it on a CPU)")
     parser.add_argument("--ablate", nargs="*", default=[], help="runs to repeat without MLM, e.g. v2-bert-base-uncased")
     parser.add_argument("--only-baseline", action="store_true", help="only the TF-IDF baseline (CPU)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="train every configuration per seed")
+    parser.add_argument("--no-ckpt-bench", action="store_true", help="skip the gradient-checkpointing measurement")
+    parser.add_argument("--name", default=None, help="result name (default encoder_agnews)")
     args = parser.parse_args(argv)
     from dldna.results import save_result
 
@@ -466,15 +472,18 @@ def main(argv=None) -> None:
     for field_name, value in (("mlm_steps", args.mlm_steps), ("epochs", args.epochs)):
         if value is not None:
             recipe = replace(recipe, **{field_name: value})
-    kwargs = dict(baseline=not args.no_baseline, no_mlm_ablation=tuple(args.ablate))
-    if args.only_baseline:
-        kwargs.update(versions=(), tokenizers=(), ckpt_bench=None)
+    kwargs = dict(baseline=not args.no_baseline, no_mlm_ablation=tuple(args.ablate),
+                  seeds=tuple(args.seeds) if args.seeds else None)
     if args.tiny:
         kwargs.update(size=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
                       limit_train=400, limit_test=200, ckpt_bench=(4, 64), extrapolation_length=64)
+    if args.no_ckpt_bench:
+        kwargs["ckpt_bench"] = None
+    if args.only_baseline:
+        kwargs.update(versions=(), tokenizers=(), ckpt_bench=None)
     import sys
 
-    name = "encoder_agnews" + ("_baseline" if args.only_baseline else "") + ("_tiny" if args.tiny else "")
+    name = (args.name or "encoder_agnews") + ("_baseline" if args.only_baseline else "") + ("_tiny" if args.tiny else "")
 
     def save_partial(partial):
         save_result(name + "_partial", {**partial, "complete": False}, "partial", out_dir=args.out)
