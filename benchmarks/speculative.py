@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 
@@ -45,6 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--name", default=None, help="result name (default speculative_gpu / speculative_bench_cpu)")
     p.add_argument("--out-dir", default=None, help="folder for the JSON (default: the checkout's results/)")
     args = p.parse_args(argv)
+    t_start = time.perf_counter()
     dev = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     ks = [int(k) for k in args.ks.split(",")]
@@ -63,9 +65,11 @@ def main(argv=None) -> None:
     train_lm(draft, langs, args.steps, device=dev, desc="draft")
     losses = {"target": val_loss(target, val_ids), "draft": val_loss(draft, val_ids)}
     target, draft = target.to(dtype).eval(), draft.to(dtype).eval()
+    print(f"trained target and draft ({time.perf_counter() - t_start:.0f} s so far)", flush=True)
 
     n = args.new_tokens
     plain = tokens_per_second(lambda x: generate(target, x, n, temperature=0), prompts, n, args.repeats)
+    print(f"plain greedy timed: {plain:.1f} tokens/s ({time.perf_counter() - t_start:.0f} s so far)", flush=True)
     rows = []
     for k in ks:
         tps = tokens_per_second(lambda x: speculative_generate(target, draft, x, n, k=k, temperature=0), prompts, n,
@@ -76,6 +80,7 @@ def main(argv=None) -> None:
         rows.append({"k": k, "tokens_per_s": tps, "speedup": tps / plain, "acceptance": stats["acceptance"],
                      "tokens_per_target_call": stats["tokens_per_target_call"],
                      "identical_to_greedy": f"{same}/{len(prompts)}"})
+        print(f"k={k} timed ({time.perf_counter() - t_start:.0f} s so far)", flush=True)
     data = {"config": vars(args), "params": {"target": sum(x.numel() for x in target.parameters()),
                                               "draft": sum(x.numel() for x in draft.parameters())},
             "val_loss": losses, "plain_tokens_per_s": plain, "speculative": rows,
