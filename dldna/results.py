@@ -72,7 +72,7 @@ def _search_dirs() -> list[Path]:
 
 
 def result_file(filename: str) -> Path:
-    """Path of a stored artifact (e.g. trained weights ``phi3_arithmetic_model_v3.pt``) in the first results
+    """Path of a stored artifact (e.g. trained weights ``phi3_arithmetic_model_v4.pt``) in the first results
     folder that holds it (checkout, ``DLDNA_RESULTS_DIR`` or the pip-installed copy)."""
     for folder in _search_dirs():
         if (folder / filename).exists():

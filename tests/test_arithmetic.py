@@ -173,3 +173,27 @@ def test_vectorised_sampler_excludes_held_out_keys():
     seen = {tok.decode(row).split("=")[0] for row in out["input_ids"]}
     assert seen == set(every[40:])
     assert 2000 * 8 / 48 * 0.8 < len(out["keys"]) < 2000 * 8 / 48 * 1.2
+
+
+def test_scratchpad_targets_write_the_first_operation_then_the_answer():
+    from dldna.data.arithmetic import format_target, inner_value, parse_target, sample_problem_tensors
+
+    assert inner_value("(19+25)*40") == 44 and inner_value("19+(25*40)") == 1000
+    assert inner_value("19+25*40") == 1000 and inner_value("19*25+40") == 475 and inner_value("3*4*5") == 12
+    assert inner_value("7-9") is None
+    assert format_target("(19+25)*40", 1760, reverse=True, scratchpad=True) == "44=0671"
+    assert parse_target("44=0671", reverse=True, scratchpad=True) == 1760
+    assert parse_target("44=", reverse=True, scratchpad=True) is None
+
+    tok = ArithmeticTokenizer()
+    for reverse in (False, True):
+        plain = sample_problem_tensors(2000, tok, torch.Generator().manual_seed(3), reverse_answer=reverse)
+        pad = sample_problem_tensors(2000, tok, torch.Generator().manual_seed(3), reverse_answer=reverse,
+                                     scratchpad=True)
+        assert torch.equal(plain["keys"], pad["keys"]) and torch.equal(plain["values"], pad["values"])
+        for ids, labels, value in zip(pad["input_ids"], pad["labels"], pad["values"]):
+            expr = tok.decode(ids).split("=")[0]
+            target = format_target(expr, int(value), reverse, scratchpad=True)
+            assert tok.decode(ids) == f"{expr}={target}"
+            assert ids[labels != -100].tolist() == tok.encode(target) + [tok.eos_id]  # loss on the whole target
+            assert parse_target(target, reverse, scratchpad=True) == safe_eval(expr) == int(value)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import random
+import re
 from typing import NamedTuple, Sequence
 
 import torch
@@ -36,6 +37,9 @@ __all__ = [
     "arithmetic_dataset",
     "format_answer",
     "parse_answer",
+    "inner_value",
+    "format_target",
+    "parse_target",
     "ArithmeticTokenizer",
     "ArithmeticDataset",
     "pad_batch",
@@ -251,6 +255,30 @@ def format_answer(value: int, reverse: bool = False) -> str:
     return sign + digits[::-1]
 
 
+def inner_value(expression: str) -> int | None:
+    """Value of the operation a :func:`complex_expression` computes first (``None`` for one operator):
+    the parenthesised pair, else ``b*c`` when the second operator is the only ``*``, else the left pair."""
+    match = re.fullmatch(r"(\(?)(\d+)([-+*])(\(?)(\d+)(\)?)([-+*])(\d+)(\)?)", expression)
+    if match is None:
+        return None
+    left_paren, a, op1, right_paren, b, _, op2, c, _ = match.groups()
+    if right_paren or (not left_paren and op2 == "*" and op1 != "*"):
+        return safe_eval(f"{b}{op2}{c}")
+    return safe_eval(f"{a}{op1}{b}")
+
+
+def format_target(expression: str, value: int, reverse: bool = False, scratchpad: bool = False) -> str:
+    """The text after ``=``: the answer, preceded with ``scratchpad`` by the first operation's value and ``=``."""
+    inner = inner_value(expression) if scratchpad else None
+    answer = format_answer(value, reverse)
+    return answer if inner is None else f"{format_answer(inner, reverse)}={answer}"
+
+
+def parse_target(text: str, reverse: bool = False, scratchpad: bool = False) -> int | None:
+    """The answer in a generated target: :func:`parse_answer` of the text after the last ``=`` (scratchpad)."""
+    return parse_answer(text.rsplit("=", 1)[-1] if scratchpad else text, reverse)
+
+
 def parse_answer(text: str, reverse: bool = False) -> int | None:
     """Inverse of :func:`format_answer`; ``None`` if ``text`` is not a well-formed (possibly reversed) integer."""
     text = text.strip()
@@ -459,8 +487,13 @@ def sample_problem_tensors(
     reverse_answer: bool = False,
     exclude_keys: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
+    scratchpad: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Draw ``n`` expressions like :func:`complex_expression` directly as tensors (no Python loop over samples).
+
+    ``scratchpad``: a two-operator expression's target first writes the value of the operation done first, then
+    ``=`` and the answer (``(19+25)*40=44=1760``; see :func:`inner_value`), so each generated number is one
+    operation on two numbers. One-operator targets are unchanged. Read the answer after the last ``=``.
 
     Same distribution as ``complex_expression`` (``p_two_operators=0`` gives ``simple_expression``'s), values
     computed with integer tensor arithmetic and Python's precedence (checked against :func:`safe_eval` in the
@@ -487,13 +520,15 @@ def sample_problem_tensors(
     pattern, c, op2 = torch.where(two, pattern, zero), torch.where(two, c, zero), torch.where(two, op2, zero)
     left = _apply(_apply(a, op1, b), op2, c)  # (a op1 b) op2 c
     right = _apply(a, op1, _apply(b, op2, c))  # a op1 (b op2 c)
-    no_parens = torch.where((op2 == 2) & (op1 != 2), right, left)  # '*' binds tighter; otherwise left to right
-    value = torch.where(pattern == 0, no_parens, torch.where(pattern == 1, left, right))
+    right_first = (pattern == 2) | ((pattern == 0) & (op2 == 2) & (op1 != 2))  # '*' binds tighter; else left to right
+    value = torch.where(right_first, right, left)
     value = torch.where(two, value, _apply(a, op1, b))
+    inner = torch.where(right_first, _apply(b, op2, c), _apply(a, op1, b))  # the operation done first
     keys = _key(two.long(), pattern, a, b, c, op1, op2)
     if exclude_keys is not None and exclude_keys.numel():
         keep = ~torch.isin(keys, exclude_keys.to(dev))
-        a, b, c, op1, op2, pattern, two, value, keys = (t[keep] for t in (a, b, c, op1, op2, pattern, two, value, keys))
+        a, b, c, op1, op2, pattern, two, value, inner, keys = (
+            t[keep] for t in (a, b, c, op1, op2, pattern, two, value, inner, keys))
     m = a.shape[0]
     v = tokenizer.vocab
     op_ids = torch.tensor([v["+"], v["-"], v["*"]], device=dev)
@@ -515,12 +550,18 @@ def sample_problem_tensors(
              tok(")", two & (pattern == 1)), torch.where(two, op_ids[op2], hole),
              *[torch.where(two, col, hole) for col in number(c)], tok(")", two & (pattern == 2)), tok("=", two | ~two)]
     prompt_len = torch.stack(slots, 1).ne(_HOLE).sum(1)
-    slots.append(tok("-", value < 0))
-    magnitude = value.abs()
-    answer_digits = len(str(max(max_operand**3, 2 * max_operand)))
-    powers = range(answer_digits) if reverse_answer else reversed(range(answer_digits))
-    for p in powers:
-        slots.append(torch.where((magnitude >= 10**p) | (p == 0), (magnitude // 10**p) % 10, hole))
+
+    def signed_number(x, digits, where):  # sign, then digits in the answer's order; holes where ``where`` is False
+        cols = [tok("-", where & (x < 0))]
+        powers = range(digits) if reverse_answer else reversed(range(digits))
+        for p in powers:
+            cols.append(torch.where(where & ((x.abs() >= 10**p) | (p == 0)), (x.abs() // 10**p) % 10, hole))
+        return cols
+
+    if scratchpad:
+        slots += signed_number(inner, len(str(max(max_operand**2, 2 * max_operand))), two)
+        slots.append(tok("=", two))
+    slots += signed_number(value, len(str(max(max_operand**3, 2 * max_operand))), two | ~two)
     slots.append(torch.full_like(hole, tokenizer.eos_id))
     wide = torch.stack(slots, dim=1)
     is_hole = wide.eq(_HOLE)

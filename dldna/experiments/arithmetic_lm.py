@@ -28,7 +28,7 @@ from dldna.data.arithmetic import (
     arithmetic_dataset,
     expression_key,
     pad_batch,
-    parse_answer,
+    parse_target,
     sample_problem_tensors,
 )
 from dldna.models.phi3 import Phi3Config, Phi3ForCausalLM
@@ -72,6 +72,7 @@ class RunConfig:
     min_lr_ratio: float = 0.02
     max_operand: int = 50
     p_two_operators: float = 0.8
+    scratchpad: bool = False  # write the first operation's value before the answer (stream data only)
     seed: int = 0
     eval_every: int = 250
     n_eval: int = 500
@@ -84,6 +85,8 @@ class RunConfig:
             raise ValueError(f"curriculum must be in [0, 1), got {self.curriculum}")
         if self.curriculum and self.data != "stream":
             raise ValueError("curriculum needs data='stream'")
+        if self.scratchpad and self.data != "stream":
+            raise ValueError("scratchpad needs data='stream'")
         for name in ("steps", "batch_size", "eval_every", "n_eval", "n_train"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -112,9 +115,10 @@ def held_out_problems(n_val: int = 1000, n_test: int = 1000, n_train: int = 0, s
 
 def stream_batches(tokenizer: ArithmeticTokenizer, batch_size: int, held_out: Sequence[Problem], seed: int = 0,
                    reverse_answer: bool = True, max_operand: int = 50, p_two_operators: float = 0.8,
-                   curriculum_steps: int = 0, curriculum_start: int = 9,
+                   curriculum_steps: int = 0, curriculum_start: int = 9, scratchpad: bool = False,
                    device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches of fresh expressions drawn on ``device``; none of ``held_out`` ever appears."""
+    """Endless batches of fresh expressions drawn on ``device``; none of ``held_out`` ever appears.
+    ``scratchpad``: targets as ``sample_problem_tensors(..., scratchpad=True)`` writes them."""
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     exclude = torch.tensor([expression_key(p.expression) for p in held_out], dtype=torch.long, device=device)
@@ -126,7 +130,7 @@ def stream_batches(tokenizer: ArithmeticTokenizer, batch_size: int, held_out: Se
         # draw a little extra so that dropping held-out keys still leaves a full batch
         out = sample_problem_tensors(batch_size + batch_size // 16 + 8, tokenizer, generator, max_operand=top,
                                      p_two_operators=p_two_operators, reverse_answer=reverse_answer,
-                                     exclude_keys=exclude, device=device)
+                                     exclude_keys=exclude, device=device, scratchpad=scratchpad)
         yield {k: out[k][:batch_size] for k in ("input_ids", "attention_mask", "labels")}
         step += 1
 
@@ -143,6 +147,9 @@ def fixed_batches(problems: Sequence[Problem], tokenizer: ArithmeticTokenizer, b
         for start in range(0, n - batch_size + 1, batch_size):
             idx = order[start:start + batch_size]
             yield {k: v[idx] for k, v in tensors.items()}
+
+
+SCRATCHPAD_TOKENS = 6  # "-2500=": the longest first-operation value with operands up to 50, and its "="
 
 
 @torch.no_grad()
@@ -178,12 +185,17 @@ def _categories(problem: Problem) -> dict[str, str]:
 
 
 def evaluate_exact_match(model, problems: Sequence[Problem], tokenizer: ArithmeticTokenizer,
-                         reverse_answer: bool = True, batch_size: int = 1000) -> tuple[float, list[dict[str, Any]]]:
-    """Exact-match accuracy of greedy answers, and one record per problem (prediction, correctness, categories)."""
-    texts = greedy_answers(model, problems, tokenizer, batch_size=batch_size)
+                         reverse_answer: bool = True, batch_size: int = 1000,
+                         scratchpad: bool = False) -> tuple[float, list[dict[str, Any]]]:
+    """Exact-match accuracy of greedy answers, and one record per problem (prediction, correctness, categories).
+
+    With ``scratchpad`` the answer is what follows the last ``=`` of the generated text (the first operation's
+    value before it is not scored)."""
+    texts = greedy_answers(model, problems, tokenizer, batch_size=batch_size,
+                           max_new_tokens=9 + (SCRATCHPAD_TOKENS if scratchpad else 0))
     records = []
     for problem, text in zip(problems, texts):
-        predicted = parse_answer(text, reverse_answer)
+        predicted = parse_target(text, reverse_answer, scratchpad)
         records.append({"expression": problem.expression, "answer": problem.answer, "generated": text,
                         "predicted": predicted, "correct": predicted == problem.answer, **_categories(problem)})
     accuracy = sum(r["correct"] for r in records) / max(1, len(records))
@@ -224,7 +236,7 @@ def train_arithmetic(run: RunConfig, val: Sequence[Problem], test: Sequence[Prob
         batches = stream_batches(tokenizer, run.batch_size, held_out, seed=run.seed, reverse_answer=run.reverse_answer,
                                  max_operand=run.max_operand, p_two_operators=run.p_two_operators,
                                  curriculum_steps=int(run.curriculum * run.steps),
-                                 curriculum_start=run.curriculum_start,
+                                 curriculum_start=run.curriculum_start, scratchpad=run.scratchpad,
                                  device=device)
     else:
         if fixed_train is None or len(fixed_train) < run.n_train:
@@ -240,7 +252,8 @@ def train_arithmetic(run: RunConfig, val: Sequence[Problem], test: Sequence[Prob
     eval_set = list(val)[:run.n_eval]
 
     def eval_fn(m):
-        return {"accuracy": evaluate_exact_match(m, eval_set, tokenizer, run.reverse_answer)[0]}
+        return {"accuracy": evaluate_exact_match(m, eval_set, tokenizer, run.reverse_answer,
+                                                 scratchpad=run.scratchpad)[0]}
 
     amp = "bf16" if device.type == "cuda" else None
     start = time.perf_counter()
@@ -253,19 +266,21 @@ def train_arithmetic(run: RunConfig, val: Sequence[Problem], test: Sequence[Prob
                "history": {k: history[k] for k in ("step", "loss", "lr", "eval_step", "eval_accuracy") if k in history},
                "val_accuracy": history["eval_accuracy"][-1] if history.get("eval_accuracy") else None}
     if test is not None:
-        summary["test_accuracy"], _ = evaluate_exact_match(model, test, tokenizer, run.reverse_answer)
+        summary["test_accuracy"], _ = evaluate_exact_match(model, test, tokenizer, run.reverse_answer,
+                                                           scratchpad=run.scratchpad)
         summary["n_test"] = len(test)
     return model, summary
 
 
 @torch.no_grad()
-def attention_maps(model: Phi3ForCausalLM, problem: Problem, tokenizer: ArithmeticTokenizer,
-                   reverse_answer: bool = True) -> tuple[list[str], tuple[torch.Tensor, ...], str]:
+def attention_maps(model: Phi3ForCausalLM, problem: Problem, tokenizer: ArithmeticTokenizer, reverse_answer: bool = True,
+                   scratchpad: bool = False) -> tuple[list[str], tuple[torch.Tensor, ...], str]:
     """Greedy answer for one problem, then the attention probabilities over ``prompt + answer``.
 
     Returns ``(tokens, attentions, answer_text)``; ``attentions[layer]`` is ``(heads, T, T)`` on the CPU.
     """
-    answer = greedy_answers(model, [problem], tokenizer)[0]
+    new_tokens = 9 + (SCRATCHPAD_TOKENS if scratchpad else 0)
+    answer = greedy_answers(model, [problem], tokenizer, max_new_tokens=new_tokens)[0]
     text = problem.prompt() + answer
     ids = torch.tensor([tokenizer.encode(text)], device=next(model.parameters()).device)
     out = model(ids, output_attentions=True)
@@ -275,11 +290,12 @@ def attention_maps(model: Phi3ForCausalLM, problem: Problem, tokenizer: Arithmet
 def load_trained_model(path: str | None = None) -> tuple[Phi3ForCausalLM, RunConfig]:
     """A model saved by ``--part final``, in eval mode on the CPU.
 
-    Default: ``results/phi3_arithmetic_model_v3.pt``, chapter 11's best run (``--part final --budget-s 270 --tag _v3``).
+    Default: ``results/phi3_arithmetic_model_v4.pt``, chapter 11's best run
+    (``--part final --steps 9371 --scratchpad --tag _v4``).
     """
     from dldna.results import results_dir
 
-    path = path or str(results_dir() / "phi3_arithmetic_model_v3.pt")
+    path = path or str(results_dir() / "phi3_arithmetic_model_v4.pt")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model = Phi3ForCausalLM(Phi3Config(**saved["config"]))
     model.load_state_dict(saved["state_dict"])
@@ -347,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=None, help="override every run's batch size")
     parser.add_argument("--only", type=str, default=None, help="comma-separated indices of COMPARISON to run")
     parser.add_argument("--tag", type=str, default="", help="suffix of the result and model file names")
+    parser.add_argument("--scratchpad", action="store_true",
+                        help="targets write the first operation's value before the answer (every run)")
     parser.add_argument("--out-dir", type=str, default=None, help="results folder (default: results/)")
     parser.add_argument("--device", type=str, default=None)
     args = parser.parse_args(argv)
@@ -363,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         runs = [runs[int(i)] for i in args.only.split(",")]
     if args.batch_size:
         runs = [replace(r, batch_size=args.batch_size) for r in runs]
+    if args.scratchpad:
+        runs = [replace(r, scratchpad=True, name=f"{r.name}, scratchpad") for r in runs]
     steps = args.steps or calibrate_steps(runs[0], args.budget_s / len(runs), val, device)
     runs = [replace(r, steps=steps, eval_every=max(1, steps // 12)) for r in runs]
     print(f"{args.part}: {len(runs)} run(s) of {steps} steps on {device}", flush=True)
@@ -377,7 +397,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out_dir = args.out_dir or str(results_dir())
     if args.part == "final":
         tokenizer = ArithmeticTokenizer()
-        _, records = evaluate_exact_match(model, test, tokenizer, runs[0].reverse_answer)
+        _, records = evaluate_exact_match(model, test, tokenizer, runs[0].reverse_answer,
+                                          scratchpad=runs[0].scratchpad)
         data["test_records"] = records
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         torch.save({"config": model.config.to_dict(), "state_dict": state, "run": asdict(runs[0])},
