@@ -45,7 +45,7 @@ class Recipe:
     """Training settings for one configuration (model size comes from ``EncoderConfig``)."""
 
     max_length: int = 128
-    mlm_steps: int = 600             # 0 = no pretraining (600 x 256 rows = 13 passes over the 12k texts)
+    mlm_steps: int = 1500            # 0 = no pretraining (1,500 x 256 rows = 32 passes over the 12k texts)
     mlm_batch_size: int = 256
     mlm_lr: float = 1e-3
     mlm_probability: float = 0.15
