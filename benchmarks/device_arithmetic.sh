@@ -6,7 +6,7 @@
 #   run(command="bash benchmarks/device_arithmetic.sh", timeout_s=600)
 # (The stored runs of 2026-12-01 came from this script when it also ran benchmarks/speculative.py first; that step
 # was cut off by its timeout before printing anything and now lives in device_speculative_paged.sh.)
-# Copy $OUT/*.json and $OUT/phi3_arithmetic_model_v3.pt into results/.
+# Copy $OUT/*.json into results/ (chapter 11 loads the later scratchpad model, so the v3 weights are not kept).
 set -u
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 OUT="${OUT:-results}"

@@ -217,7 +217,7 @@ def main():
                 "bounds": "relative Frobenius error vs float64 on the same rounded inputs: out < 5e-3 (fp16, "
                           "fp32/TF32) / 2e-2 (bf16), gradients < 2x that; lse within 10x; rows without keys zero "
                           "with lse -inf", "rows": rows}
-        shown = [a for a in sys.argv[1:]]
+        shown = list(sys.argv[1:])
         if "--out-dir" in shown:  # where the file went is not part of what was run
             i = shown.index("--out-dir")
             del shown[i : i + 2]

@@ -286,8 +286,8 @@ def test_peer_speedups_and_kernel_times_read_the_stored_fields():
 
     ratios = [{"peer": "flex", "pass": "fwd", "speedup_vs_peer": s} for s in (0.5, 1.5, 2.0)]
     tuning = [{"kernel": kernel, "key": f"(128, 'torch.bfloat16', {window}, True, 16384, 16384, False)",
-               "times_ms": {"a": ms + 10 * window, "b": ms + 11}} for kernel, ms in (("fwd", 2.0), ("dq", 3.0)) for window in
-              (False, True)]
+               "times_ms": {"a": ms + 10 * window, "b": ms + 11}}
+              for kernel, ms in (("fwd", 2.0), ("dq", 3.0)) for window in (False, True)]
     tuning.append({"kernel": "dkdv", "key": "(64, 'torch.bfloat16', False, True, 16384, 16384, False)",
                    "times_ms": {"a": 9.0}})  # another head_dim
     tuning.append({"kernel": "fwd", "key": "(128, ...)", "config": "x", "error": "OutOfResources"})  # failed config

@@ -181,7 +181,7 @@ ARITHMETIC_VARIANTS = {
     "range50_reversed_long_wd1": dict(steps=16000, weight_decay=1.0, reverse_answer=True, train_max_operand=50),
     "range99_reversed_xl": dict(steps=32000, reverse_answer=True, train_max_operand=99),
     "range99_reversed_xl_wd1": dict(steps=32000, weight_decay=1.0, reverse_answer=True, train_max_operand=99),
-    # GPU runs: a step costs about the same at batch 256 as at 64 there, so these see 4x the examples per step
+    # GPU runs at batch 256: four times the examples per step of the CPU runs above
     "range99_reversed_b256_wd1": dict(steps=10000, batch_size=256, weight_decay=1.0, reverse_answer=True,
                                       train_max_operand=99),
     "range99_reversed_wide_b256_wd1": dict(steps=8000, batch_size=256, weight_decay=1.0, reverse_answer=True,

@@ -149,7 +149,7 @@ def fixed_batches(problems: Sequence[Problem], tokenizer: ArithmeticTokenizer, b
             yield {k: v[idx] for k, v in tensors.items()}
 
 
-SCRATCHPAD_TOKENS = 6  # "-2500=": the longest first-operation value with operands up to 50, and its "="
+SCRATCHPAD_TOKENS = 6  # "2500=" is the longest first-operation value with operands up to 50, and its "="; +1 spare
 
 
 @torch.no_grad()
