@@ -101,3 +101,44 @@ def test_bad_arguments_raise_value_errors():
         paged_decode_attention(q, cache.k_blocks, cache.v_blocks, tables, seq_lens, num_splits=0, backend="triton")
     with pytest.raises(ValueError, match="block_n"):
         paged_decode_attention(q, cache.k_blocks, cache.v_blocks, tables, seq_lens, block_n=24, backend="triton")
+
+
+def test_pick_fastest_skips_launches_that_cannot_run():
+    from dldna.kernels.paged_decode import pick_fastest
+
+    def seconds(launch):
+        if launch["block_n"] == 256:
+            raise RuntimeError("out of shared memory")
+        return {64: 0.5, 128: 0.2}[launch["block_n"]]
+
+    launches = [{"block_n": 256}, {"block_n": 64}, {"block_n": 128}]
+    assert pick_fastest(launches, seconds) == {"block_n": 128}
+    with pytest.raises(ValueError, match="no candidate"):
+        pick_fastest([{"block_n": 256}], seconds)
+
+
+def test_tuning_candidates_hold_both_measured_best_launches():
+    from dldna.kernels.paged_decode import _tuning_candidates, default_num_splits
+
+    cands = _tuning_candidates(8, 8, 32768, torch.device("cpu"))
+    settings = {(c["block_n"], c["num_warps"], c["num_stages"]) for c in cands}
+    assert {(128, 4, 2), (128, 8, 3)} <= settings  # the H200's and the H100's best (results/paged_decode.json)
+    for c in cands:
+        base = default_num_splits(8, 8, 32768, c["block_n"], torch.device("cpu"))
+        assert c["num_splits"] in (base, 2 * base)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the launch is tuned on a GPU only")
+def test_tuned_launch_matches_the_reference_and_is_reused():
+    from dldna.kernels import paged_decode
+
+    cache, _ = _cache([700, 33, 1500], n_kv=2, head_dim=64, page=16, dtype=torch.float16)
+    tables, seq_lens = cache.batch_tables(range(3))
+    q = torch.randn(3, 8, 1, 64, device=DEVICE, dtype=torch.float16)
+    paged_decode._tuned_launch.clear()
+    out = paged_decode_attention(q, cache.k_blocks, cache.v_blocks, tables, seq_lens)
+    ref = paged_decode_attention(q, cache.k_blocks, cache.v_blocks, tables, seq_lens, backend="torch")
+    assert len(paged_decode._tuned_launch) == 1
+    assert (out.float() - ref.float()).abs().max().item() < 1e-2
+    paged_decode_attention(q, cache.k_blocks, cache.v_blocks, tables, seq_lens)
+    assert len(paged_decode._tuned_launch) == 1  # same shape class: no second tuning
