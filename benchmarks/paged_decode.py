@@ -26,7 +26,6 @@ import torch.nn.functional as F  # noqa: E402
 
 from dldna.attention.reference import repeat_kv  # noqa: E402
 from dldna.bench import time_fn  # noqa: E402
-from dldna.kernels import paged_decode  # noqa: E402
 from dldna.kernels.paged_decode import default_num_splits, paged_decode_attention, unique_kv_bytes  # noqa: E402
 from dldna.results import save_result  # noqa: E402
 
@@ -116,13 +115,6 @@ def main(argv=None) -> None:
     best = max(ok, key=lambda s: s["tbps"])
     rows["paged_triton_default"] = dict(sweep[0], note="paged Triton kernel, default launch")
     rows["paged_triton_best"] = dict(best, note="paged Triton kernel, best of the sweep")
-    if device.type == "cuda":  # no launch settings given: the kernel tunes them on first use (TUNING_CANDIDATES)
-        tuned = lambda: paged_decode_attention(q, k_blocks, v_blocks, tables, seq_lens, backend="triton")  # noqa: E731
-        err = (tuned().float() - reference).abs().max().item()
-        t = time_fn(tuned, warmup, repeats, device)
-        picked = next(iter(paged_decode._tuned_launch.values()))
-        rows["paged_triton_tuned"] = dict(picked, seconds=t, tbps=tbps(t), max_abs_err_vs_sdpa_fp32=err,
-                                          note="paged Triton kernel, launch tuned on first call")
 
     print(f"device {torch.cuda.get_device_name(0) if device.type == 'cuda' else 'CPU (interpreter)'}, {dtype}, "
           f"B={args.batch} H={args.heads} Hkv={args.kv_heads} D={args.head_dim} L={args.seq_len} page={args.page}; "

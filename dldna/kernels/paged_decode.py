@@ -139,38 +139,9 @@ def default_num_splits(batch: int, n_kv_heads: int, max_len: int, block_n: int, 
     return max(1, min(splits, math.ceil(max_len / block_n)))
 
 
-# Launch settings (block_n, num_warps, num_stages) the GPU tuner tries, each with 1x and 2x the default splits.
-# The fastest on an H200 (4 warps, 2 stages) and on an H100 (8 warps, 3 stages) differ: see chapter 6.
-TUNING_CANDIDATES = ((128, 4, 2), (128, 8, 3), (128, 4, 3), (64, 4, None))
-_tuned_launch: dict[tuple, dict] = {}
-
-
-def pick_fastest(candidates: list[dict], seconds) -> dict:
-    """The candidate launch for which ``seconds(candidate)`` is smallest; one that raises (e.g. out of shared
-    memory) is skipped. ``ValueError`` when none runs."""
-    times = []
-    for cand in candidates:
-        try:
-            times.append((seconds(cand), cand))
-        except Exception:  # a launch that cannot run here (e.g. out of shared memory) is no candidate
-            continue
-    if not times:
-        raise ValueError("no candidate launch ran")
-    return min(times, key=lambda t: t[0])[1]
-
-
-def _tuning_candidates(bsz: int, n_kv: int, max_len: int, device: torch.device) -> list[dict]:
-    out = []
-    for block_n, warps, stages in TUNING_CANDIDATES:
-        splits = default_num_splits(bsz, n_kv, max_len, block_n, device)
-        for s in sorted({splits, min(2 * splits, max(1, math.ceil(max_len / block_n)))}):
-            out.append(dict(block_n=block_n, num_warps=warps, num_stages=stages, num_splits=s))
-    return out
-
-
 def paged_decode_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
-                           num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                           num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
                            num_stages: int | None = None, backend: str = "auto", return_lse: bool = False):
     """Decode attention over a paged cache: ``q`` ``(B, H, 1, D)`` -> ``(B, H, 1, D)``.
 
@@ -178,9 +149,7 @@ def paged_decode_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: to
         k_blocks, v_blocks: ``(num_blocks, Hkv, page, D)`` (``PagedKVCache`` layout), ``H % Hkv == 0``.
         block_tables: ``(B, max_blocks)`` int32; seq_lens: ``(B,)`` int32 (a length of 0 gives zeros).
         num_splits: KV-length splits per sequence (default: enough programs to fill the GPU); block_n: tokens per
-            inner step (default 64 on GPU, 32 in the interpreter); num_warps (default 4), num_stages: launch options.
-            On a GPU, leaving all four unset tunes them once per shape class (``TUNING_CANDIDATES``, timed with
-            ``triton.testing.do_bench`` on the call's own inputs) and reuses the fastest.
+            inner step (default 64 on GPU, 32 in the interpreter); num_warps, num_stages: launch options.
         backend: ``"triton"``, ``"torch"`` (reference ``paged_attention``) or ``"auto"`` (Triton where it runs).
 
     The query is the last token of each sequence, so it attends to all ``seq_lens[b]`` keys.
@@ -223,18 +192,6 @@ def paged_decode_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: to
     block_tables = block_tables.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
     max_len = block_tables.shape[1] * page
-    if q.device.type == "cuda" and num_splits is None and block_n is None and num_warps is None and num_stages is None:
-        key = (bsz, n_heads, n_kv, head_dim, page, triton.next_power_of_2(max_len), q.dtype)
-        if key not in _tuned_launch:
-            def seconds(launch):
-                run = lambda: paged_decode_attention(q, k_blocks, v_blocks, block_tables, seq_lens,  # noqa: E731
-                                                     scale, backend="triton", **launch)
-                return triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
-
-            _tuned_launch[key] = pick_fastest(_tuning_candidates(bsz, n_kv, max_len, q.device), seconds)
-        return paged_decode_attention(q, k_blocks, v_blocks, block_tables, seq_lens, scale, backend="triton",
-                                      return_lse=return_lse, **_tuned_launch[key])
-    num_warps = 4 if num_warps is None else num_warps
     if block_n is None:
         block_n = 32 if interpreting() else 64
     if not isinstance(block_n, int) or block_n < 16 or block_n & (block_n - 1):
@@ -292,5 +249,4 @@ def unique_kv_bytes(batch: int, n_kv_heads: int, seq_len: int, head_dim: int, dt
     return 2 * batch * n_kv_heads * seq_len * head_dim * dtype_bytes
 
 
-__all__ = ["paged_decode_attention", "default_num_splits", "pick_fastest", "triton_available", "interpreting",
-           "unique_kv_bytes", "TUNING_CANDIDATES"]
+__all__ = ["paged_decode_attention", "default_num_splits", "triton_available", "interpreting", "unique_kv_bytes"]
