@@ -152,9 +152,14 @@ def fixed_batches(problems: Sequence[Problem], tokenizer: ArithmeticTokenizer, b
 SCRATCHPAD_TOKENS = 6  # "2500=" is the longest first-operation value with operands up to 50, and its "="; +1 spare
 
 
+def answer_tokens(scratchpad: bool = False) -> int:
+    """Tokens greedy decoding may generate for one answer (9; more with a scratchpad)."""
+    return 9 + (SCRATCHPAD_TOKENS if scratchpad else 0)
+
+
 @torch.no_grad()
 def greedy_answers(model, problems: Sequence[Problem], tokenizer: ArithmeticTokenizer, batch_size: int = 1000,
-                   max_new_tokens: int = 9) -> list[str]:
+                   max_new_tokens: int = answer_tokens()) -> list[str]:
     """The text each prompt ``"expr="`` is continued with (greedy, KV cache, stops at ``<eos>``), eos excluded."""
     device = next(model.parameters()).device
     texts: list[str] = []
@@ -191,8 +196,7 @@ def evaluate_exact_match(model, problems: Sequence[Problem], tokenizer: Arithmet
 
     With ``scratchpad`` the answer is what follows the last ``=`` of the generated text (the first operation's
     value before it is not scored)."""
-    texts = greedy_answers(model, problems, tokenizer, batch_size=batch_size,
-                           max_new_tokens=9 + (SCRATCHPAD_TOKENS if scratchpad else 0))
+    texts = greedy_answers(model, problems, tokenizer, batch_size=batch_size, max_new_tokens=answer_tokens(scratchpad))
     records = []
     for problem, text in zip(problems, texts):
         predicted = parse_target(text, reverse_answer, scratchpad)
@@ -273,14 +277,14 @@ def train_arithmetic(run: RunConfig, val: Sequence[Problem], test: Sequence[Prob
 
 
 @torch.no_grad()
-def attention_maps(model: Phi3ForCausalLM, problem: Problem, tokenizer: ArithmeticTokenizer, reverse_answer: bool = True,
-                   scratchpad: bool = False) -> tuple[list[str], tuple[torch.Tensor, ...], str]:
+def attention_maps(model: Phi3ForCausalLM, problem: Problem, tokenizer: ArithmeticTokenizer,
+                   reverse_answer: bool = True, scratchpad: bool = False
+                   ) -> tuple[list[str], tuple[torch.Tensor, ...], str]:
     """Greedy answer for one problem, then the attention probabilities over ``prompt + answer``.
 
     Returns ``(tokens, attentions, answer_text)``; ``attentions[layer]`` is ``(heads, T, T)`` on the CPU.
     """
-    new_tokens = 9 + (SCRATCHPAD_TOKENS if scratchpad else 0)
-    answer = greedy_answers(model, [problem], tokenizer, max_new_tokens=new_tokens)[0]
+    answer = greedy_answers(model, [problem], tokenizer, max_new_tokens=answer_tokens(scratchpad))[0]
     text = problem.prompt() + answer
     ids = torch.tensor([tokenizer.encode(text)], device=next(model.parameters()).device)
     out = model(ids, output_attentions=True)
