@@ -1,7 +1,7 @@
 """Arithmetic-expression data for the small decoder chapters: a safe evaluator, generators, a split, a tokenizer.
 
-The printed book labelled its generated expressions with Python's ``eval`` builtin and measured accuracy on samples drawn from
-the training data. Here labels come from :func:`safe_eval` (an AST walker that accepts integer arithmetic and
+The printed book labelled its generated expressions with Python's ``eval`` builtin and measured accuracy on
+samples drawn from the training data. Here labels come from :func:`safe_eval` (an AST walker that accepts integer arithmetic and
 nothing else), and :func:`arithmetic_dataset` splits *distinct expression strings* into train / validation /
 test, so no test expression is ever seen in training.
 
