@@ -130,26 +130,31 @@ if triton is not None:
 
 
 def default_num_splits(batch: int, n_kv_heads: int, max_len: int, block_n: int, device: torch.device) -> int:
-    """Splits so that ``batch * n_kv_heads * splits`` programs fill the GPU (~8 per SM), each >= ``block_n`` tokens."""
+    """Splits so that ``batch * n_kv_heads * splits`` programs come near 4 per SM, each >= ``block_n`` tokens.
+
+    On the H200 (132 SMs) at batch 8 with 8 K/V heads that gives 8 splits; ``benchmarks/paged_decode.py`` sweeps
+    the alternatives (more splits write and merge more partial results).
+    """
     if device.type == "cuda":
-        target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4 * batch * n_kv_heads  # the interpreter: a few splits, enough to exercise the merge
-    splits = max(1, math.ceil(target / (batch * n_kv_heads)))
+    splits = max(1, round(target / (batch * n_kv_heads)))
     return max(1, min(splits, math.ceil(max_len / block_n)))
 
 
 def paged_decode_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
                            num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                           num_stages: int | None = None, backend: str = "auto", return_lse: bool = False):
+                           num_stages: int | None = 2, backend: str = "auto", return_lse: bool = False):
     """Decode attention over a paged cache: ``q`` ``(B, H, 1, D)`` -> ``(B, H, 1, D)``.
 
     Args:
         k_blocks, v_blocks: ``(num_blocks, Hkv, page, D)`` (``PagedKVCache`` layout), ``H % Hkv == 0``.
         block_tables: ``(B, max_blocks)`` int32; seq_lens: ``(B,)`` int32 (a length of 0 gives zeros).
         num_splits: KV-length splits per sequence (default: enough programs to fill the GPU); block_n: tokens per
-            inner step (default 64 on GPU, 32 in the interpreter); num_warps, num_stages: launch options.
+            inner step (default 64 on GPU, 32 in the interpreter); num_warps, num_stages: launch options
+            (``num_stages=None`` leaves Triton's default).
         backend: ``"triton"``, ``"torch"`` (reference ``paged_attention``) or ``"auto"`` (Triton where it runs).
 
     The query is the last token of each sequence, so it attends to all ``seq_lens[b]`` keys.
