@@ -51,8 +51,11 @@ def compile_one(fn, dtype, head_dim, cfg, flags):
         constexprs["USE_TMA"] = cfg.tma
     floats = {"qk_scale", "sm_scale"}
     sig, attrs = _signature(fn, dtype, constexprs, set(), floats)
-    if cfg.tma:  # Q, K, V, O are 4-D tensor descriptors
-        for name, rows in (("Q", cfg.block_m), ("K", cfg.block_n), ("V", cfg.block_n), ("O", cfg.block_m)):
+    if cfg.tma:  # the tiles read through 4-D tensor descriptors, with their block rows
+        described = {"_attn_fwd": (("Q", cfg.block_m), ("K", cfg.block_n), ("V", cfg.block_n), ("O", cfg.block_m)),
+                     "_attn_bwd_dq": (("K", cfg.block_n), ("V", cfg.block_n)),
+                     "_attn_bwd_dkdv": (("Q", cfg.block_m), ("DO", cfg.block_m))}[kind]
+        for name, rows in described:
             sig[name] = f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}]>"
             attrs.pop((fn.arg_names.index(name),), None)
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)

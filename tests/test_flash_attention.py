@@ -197,19 +197,23 @@ def test_triton_forward_accepts_strided_inputs_and_scale():
     assert _rel(out, ref) < BOUNDS[torch.float32]
 
 
-def test_triton_forward_through_tensor_descriptors():
-    """The Hopper path (tiles fetched through 4-D tensor descriptors, tails zero-filled) computes the same."""
+@pytest.mark.parametrize("tma_kernels", [("fwd",), ("dq", "dkdv")])
+def test_triton_kernels_through_tensor_descriptors(tma_kernels):
+    """The Hopper path (tiles fetched through 4-D tensor descriptors, tails zero-filled) computes the same,
+    forward and backward (GQA: the dK/dV loop over a group's query heads indexes the descriptors)."""
     _, ft = _triton_kernels()
     q, k, v, grad = _inputs(1, 4, 2, 75, 75, 16, torch.float16, seed=5)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided: the descriptors carry all four strides
-    ft.force_config("fwd", ft.KernelConfig(32, 32, 4, 1, tma=True))
+    for kernel in tma_kernels:
+        ft.force_config(kernel, ft.KernelConfig(32, 32, 4, 1, tma=True))
     try:
         def fn(q, k, v):
             return flash_attention(q, k, v, causal=True, window=30, return_lse=True, backend="triton")
 
         _check_against_reference(fn, q, k, v, grad, _mask(75, 75, True, 30), BOUNDS[torch.float16])
     finally:
-        ft.force_config("fwd", None)
+        for kernel in tma_kernels:
+            ft.force_config(kernel, None)
 
 
 @pytest.mark.parametrize("dtype,block", [(torch.float32, 32), (torch.float16, 16)])

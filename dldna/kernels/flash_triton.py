@@ -12,6 +12,7 @@ first ``import triton``). Used in chapter 5.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -197,16 +198,22 @@ def _load_lse2(LSE, offs, n):
 
 @triton.jit
 def _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k, band_lo, band_hi,
-              qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+              qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+              USE_TMA: tl.constexpr = False, b=0, hk=0):
+    """Fold key block [start_n, start_n + BLOCK_N) into dQ. USE_TMA: ``K``/``V`` are 4-D tensor descriptors."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
-    if MASKED:
-        k = tl.load(k_ptrs, mask=offs_n[:, None] < n_k, other=0.0)
-        v = tl.load(v_ptrs, mask=offs_n[:, None] < n_k, other=0.0)
+    if USE_TMA:  # rows past n_k arrive as zeros
+        k = K.load([b, hk, start_n, 0]).reshape([BLOCK_N, q.shape[1]])
+        v = V.load([b, hk, start_n, 0]).reshape([BLOCK_N, q.shape[1]])
     else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+        k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=offs_n[:, None] < n_k, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < n_k, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # recomputed, never stored
     if MASKED:
         p = tl.where(_band_mask(offs_m, offs_n, n_k, band_lo, band_hi, HAS_LO, HAS_HI), p, 0.0)
@@ -221,18 +228,22 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX,
                  stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
                  H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale, sm_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr):
-    """dQ of one query block: the forward's loop again, with dS = P * (dP - delta) in place of the softmax."""
+                 HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr = False):
+    """dQ of one query block: the forward's loop again, with dS = P * (dP - delta) in place of the softmax.
+    USE_TMA (dense): K and V are 4-D tensor descriptors with blocks (1, 1, BLOCK_N, HEAD_DIM)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
+    b32 = bh // H  # int32 indices for the tensor descriptors
+    hk32 = (bh % H) // GROUP
+    b = b32.to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
     Q += b * stride_qb + h * stride_qh
     DO += b * stride_dob + h * stride_doh
     DQ += b * stride_dqb + h * stride_dqh
-    K += b * stride_kb + hk * stride_kh
-    V += b * stride_vb + hk * stride_vh
+    if not USE_TMA:
+        K += b * stride_kb + hk * stride_kh
+        V += b * stride_vb + hk * stride_vh
     LSE += bh.to(tl.int64) * n_q
     DELTA += bh.to(tl.int64) * n_q
     start_m = pid_m * BLOCK_M
@@ -252,31 +263,36 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX,
         lo, full_lo, full_hi, hi = _block_range(start_m, BLOCK_M, n_k, BLOCK_N, band_lo, band_hi, HAS_LO, HAS_HI)
         for start_n in range(lo, full_lo, BLOCK_N):
             dq = _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
-                           band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI)
+                           band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI, USE_TMA, b32, hk32)
         for start_n in range(full_lo, full_hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             dq = _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
-                           band_lo, band_hi, qk_scale, BLOCK_N, False, HAS_LO, HAS_HI)
+                           band_lo, band_hi, qk_scale, BLOCK_N, False, HAS_LO, HAS_HI, USE_TMA, b32, hk32)
         for start_n in range(full_hi, hi, BLOCK_N):
             dq = _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
-                           band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI)
+                           band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI, USE_TMA, b32, hk32)
     tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows)
 
 
 @triton.jit
 def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_don, start_m, offs_n, offs_d, n_q,
                 band_lo, band_hi, qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
-    """Fold query block [start_m, start_m + BLOCK_M) into dK, dV of one key block (transposed: keys are rows)."""
+                HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, USE_TMA: tl.constexpr = False, b=0, h=0):
+    """Fold query block [start_m, start_m + BLOCK_M) into dK, dV of one key block (transposed: keys are rows).
+    USE_TMA: ``Q``/``DO`` are 4-D tensor descriptors (rows past n_q arrive as zeros)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q_ptrs = Q + offs_m[:, None] * stride_qn + offs_d[None, :]
-    do_ptrs = DO + offs_m[:, None] * stride_don + offs_d[None, :]
-    if MASKED:
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < n_q, other=0.0)
-        do = tl.load(do_ptrs, mask=offs_m[:, None] < n_q, other=0.0)
+    if USE_TMA:
+        q = Q.load([b, h, start_m, 0]).reshape([BLOCK_M, k.shape[1]])
+        do = DO.load([b, h, start_m, 0]).reshape([BLOCK_M, k.shape[1]])
     else:
-        q = tl.load(q_ptrs)
-        do = tl.load(do_ptrs)
+        q_ptrs = Q + offs_m[:, None] * stride_qn + offs_d[None, :]
+        do_ptrs = DO + offs_m[:, None] * stride_don + offs_d[None, :]
+        if MASKED:
+            q = tl.load(q_ptrs, mask=offs_m[:, None] < n_q, other=0.0)
+            do = tl.load(do_ptrs, mask=offs_m[:, None] < n_q, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
     lse2 = _load_lse2(LSE, offs_m, n_q)
     delta = tl.load(DELTA + offs_m, mask=offs_m < n_q, other=0.0)
     p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # P^T, (BLOCK_N, BLOCK_M)
@@ -296,9 +312,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX,
                    stride_dvb, stride_dvh, stride_dvn,
                    H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr):
+                   HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr = False):
     """Grid (key blocks, B * Hkv). band_lo/band_hi bound ``i - j`` (query minus key): the forward's band seen from
     the keys' side. SPARSE: the query blocks that keep this key block, ROW_IDX[COL_PTR[n]:COL_PTR[n + 1]] (CSC).
+    USE_TMA (dense): Q and DO are 4-D tensor descriptors with blocks (1, 1, BLOCK_M, HEAD_DIM).
 
     GQA: every query head of the group adds to this K/V head. The (head, block) pairs are walked as ONE flat loop
     per kind of block: a loop over heads around the block loops made the compiler spill registers.
@@ -330,9 +347,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX,
             g = it // tl.maximum(n_full, 1)
             start_m = tl.multiple_of(full_lo + (it - g * n_full) * BLOCK_M, BLOCK_M)
             h = hk * GROUP + g
-            dk, dv = _dkdv_block(dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
-                                 LSE + (b * H + h) * n_q, DELTA + (b * H + h) * n_q, stride_qn, stride_don, start_m,
-                                 offs_n, offs_d, n_q, band_lo, band_hi, qk_scale, BLOCK_M, False, HAS_LO, HAS_HI)
+            if USE_TMA:
+                q_src, do_src = Q, DO
+            else:
+                q_src, do_src = Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh
+            dk, dv = _dkdv_block(dk, dv, k, v, q_src, do_src, LSE + (b * H + h) * n_q, DELTA + (b * H + h) * n_q,
+                                 stride_qn, stride_don, start_m, offs_n, offs_d, n_q, band_lo, band_hi, qk_scale,
+                                 BLOCK_M, False, HAS_LO, HAS_HI, USE_TMA, b.to(tl.int32), h.to(tl.int32))
     for it in range(0, GROUP * n_masked):  # partly masked query blocks (dense: left of the full ones, then right)
         g = it // tl.maximum(n_masked, 1)
         j = it - g * n_masked
@@ -341,10 +362,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX,
         else:
             start_m = tl.where(j < n_left, lo + j * BLOCK_M, full_hi + (j - n_left) * BLOCK_M)
         h = hk * GROUP + g
-        dk, dv = _dkdv_block(dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
-                             LSE + (b * H + h) * n_q, DELTA + (b * H + h) * n_q, stride_qn, stride_don, start_m,
-                             offs_n, offs_d, n_q, band_lo, band_hi, qk_scale, BLOCK_M, True,
-                             HAS_LO and not SPARSE, HAS_HI and not SPARSE)
+        if USE_TMA:
+            q_src, do_src = Q, DO
+        else:
+            q_src, do_src = Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh
+        dk, dv = _dkdv_block(dk, dv, k, v, q_src, do_src, LSE + (b * H + h) * n_q, DELTA + (b * H + h) * n_q,
+                             stride_qn, stride_don, start_m, offs_n, offs_d, n_q, band_lo, band_hi, qk_scale, BLOCK_M,
+                             True, HAS_LO and not SPARSE, HAS_HI and not SPARSE, USE_TMA, b.to(tl.int32),
+                             h.to(tl.int32))
     DK += b * stride_dkb + hk * stride_dkh
     DV += b * stride_dvb + hk * stride_dvh
     tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
@@ -360,7 +385,7 @@ class KernelConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 3
-    tma: bool = False  # forward only: load/store tiles through tensor descriptors (Hopper's copy engine)
+    tma: bool = False  # dense only: fetch the looped-over tiles through tensor descriptors (Hopper's copy engine)
 
 
 def interpreting() -> bool:
@@ -370,28 +395,32 @@ def interpreting() -> bool:
 
 # Hopper candidates (block_m, block_n, warps, stages); the tuner times them once per shape class.
 # Forward: 128-row query blocks feed two warpgroups' wgmma; block_n trades registers (the score tile) for fewer
-# online-softmax rescalings. Backward: dK/dV keep two (block_n x D) fp32 accumulators in registers, so a wide
+# online-softmax rescalings. 64 x 64 tiles on one warpgroup, two programs per SM, loaded by the copy engine (TMA),
+# were among the fastest on an H200 at causal N=16k, D=128 and for sliding windows (every candidate's time: the
+# tuning log in results/flash_attention_bench.json). Backward: dK/dV keep two (block_n x D) fp32 accumulators in registers, so a wide
 # key block needs 8 warps at D = 128.
 _GPU_CONFIGS = {
     "fwd": {
         64: [KernelConfig(128, 64, 4, 3), KernelConfig(128, 64, 4, 4), KernelConfig(128, 128, 8, 3),
-             KernelConfig(128, 128, 8, 4), KernelConfig(64, 64, 4, 4),
-             KernelConfig(128, 64, 4, 3, tma=True), KernelConfig(128, 128, 8, 3, tma=True)],
+             KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 4),
+             KernelConfig(128, 64, 4, 3, tma=True), KernelConfig(128, 128, 8, 3, tma=True),
+             KernelConfig(64, 64, 4, 2, tma=True), KernelConfig(64, 64, 4, 3, tma=True)],
         128: [KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 4), KernelConfig(128, 128, 8, 2),
               KernelConfig(128, 128, 8, 3), KernelConfig(64, 64, 4, 3),
-              KernelConfig(128, 64, 8, 3, tma=True), KernelConfig(128, 128, 8, 2, tma=True)],
+              KernelConfig(128, 64, 8, 3, tma=True), KernelConfig(128, 128, 8, 2, tma=True),
+              KernelConfig(64, 64, 4, 2, tma=True), KernelConfig(64, 64, 4, 3, tma=True)],
     },
     "dq": {
         64: [KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 3), KernelConfig(128, 32, 4, 3),
-             KernelConfig(64, 32, 4, 4)],
+             KernelConfig(64, 32, 4, 4), KernelConfig(128, 64, 8, 3, tma=True), KernelConfig(64, 64, 4, 3, tma=True)],
         128: [KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 3), KernelConfig(128, 32, 8, 3),
-              KernelConfig(64, 32, 4, 4)],
+              KernelConfig(64, 32, 4, 4), KernelConfig(128, 64, 8, 3, tma=True), KernelConfig(64, 64, 4, 3, tma=True)],
     },
     "dkdv": {
         64: [KernelConfig(64, 128, 8, 3), KernelConfig(32, 128, 8, 3), KernelConfig(64, 64, 4, 3),
-             KernelConfig(32, 64, 4, 4)],
+             KernelConfig(32, 64, 4, 4), KernelConfig(64, 64, 4, 3, tma=True), KernelConfig(64, 128, 8, 3, tma=True)],
         128: [KernelConfig(32, 128, 8, 3), KernelConfig(64, 128, 8, 3), KernelConfig(32, 64, 4, 4),
-              KernelConfig(64, 64, 8, 3)],
+              KernelConfig(64, 128, 8, 2), KernelConfig(64, 128, 8, 2, tma=True), KernelConfig(32, 64, 4, 4, tma=True)],
     },
 }
 # (Registers, spills and shared memory of each: benchmarks/flash_compile_report.py, results/flash_compile_report.json.)
@@ -452,8 +481,16 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------- launchers
+_NO_LAYOUT: dict[torch.device, torch.Tensor] = {}
+
+
 def _no_layout(device):
-    return torch.zeros(1, dtype=torch.int32, device=device)
+    """A one-element placeholder for the unused layout arguments of dense launches (made once per device: a fresh
+    tensor per call cost an allocation and a fill kernel on the host's launch path)."""
+    device = torch.device(device)
+    if device not in _NO_LAYOUT:
+        _NO_LAYOUT[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _NO_LAYOUT[device]
 
 
 def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None):
@@ -489,11 +526,16 @@ def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None)
     return o, lse
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def _tma_ok(*tensors) -> bool:
     """Tensor descriptors need Hopper or newer, 16-byte aligned bases and 16-byte multiples as strides."""
     if interpreting():
         return True
-    if not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+    if not tensors[0].is_cuda or _capability(tensors[0].device)[0] < 9:
         return False
     return all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
                for t in tensors)
@@ -535,28 +577,36 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
     col_ptr, row_idx = layout_t if sparse else (_no_layout(q.device),) * 2
 
     def launch_dq(cfg):
+        kt, vt = k, v
+        if cfg.tma:
+            kt, vt = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, cfg.block_n, d]) for t in (k, v))
         _attn_bwd_dq[(triton.cdiv(n_q, cfg.block_m), b * h)](
-            q, k, v, do, dq, lse, delta, row_ptr, col_idx, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+            q, kt, vt, do, dq, lse, delta, row_ptr, col_idx, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             *_strides(dq), h, group, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E, scale,
             HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=has_lo, HAS_HI=has_hi, SPARSE=sparse,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            USE_TMA=cfg.tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     # Seen from the keys: query i may see key j  <=>  -band_hi <= i - j <= -band_lo.
     t_lo = None if band_hi is None else -band_hi
     t_hi = None if band_lo is None else -band_lo
 
     def launch_dkdv(cfg):
+        qt, dot = q, do
+        if cfg.tma:
+            qt, dot = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, cfg.block_m, d]) for t in (q, do))
         _attn_bwd_dkdv[(triton.cdiv(n_k, cfg.block_n), b * n_kv)](
-            q, k, v, do, dk, dv, lse, delta, col_ptr, row_idx, *_strides(q), *_strides(k), *_strides(v),
+            qt, k, v, dot, dk, dv, lse, delta, col_ptr, row_idx, *_strides(q), *_strides(k), *_strides(v),
             *_strides(do), *_strides(dk), *_strides(dv), h, group, n_q, n_k, t_lo or 0, t_hi or 0, scale * LOG2E,
             scale, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=t_lo is not None,
-            HAS_HI=t_hi is not None, SPARSE=sparse, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            HAS_HI=t_hi is not None, SPARSE=sparse, USE_TMA=cfg.tma, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
 
     if sparse:
         launch_dq(_sparse_config(block, d))
         launch_dkdv(_sparse_config(block, d))
         return dq, dk, dv
-    key = (d, str(q.dtype), has_lo, has_hi, _pow2(n_q), _pow2(n_k), group > 1)
-    launch_dq(_pick_config("dq", key, d, launch_dq))
-    launch_dkdv(_pick_config("dkdv", key, d, launch_dkdv))
+    tma_ok = _tma_ok(q, k, v, do)
+    key = (d, str(q.dtype), has_lo, has_hi, _pow2(n_q), _pow2(n_k), group > 1, tma_ok)
+    launch_dq(_pick_config("dq", key, d, launch_dq, tma_ok=tma_ok))
+    launch_dkdv(_pick_config("dkdv", key, d, launch_dkdv, tma_ok=tma_ok))
     return dq, dk, dv
