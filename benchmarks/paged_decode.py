@@ -165,7 +165,8 @@ def main(argv=None) -> None:
     data = dict(vars(args), dtype=str(dtype), unique_kv_bytes=nbytes, rows=rows, sweep=sweep,
                 kernel_over_copy=ratio, default_kernel_over_copy=default_ratio,
                 sdpa_over_copy=rows["sdpa_enable_gqa"]["tbps"] / rows["copy"]["tbps"],
-                timer="triton.testing.do_bench median (warmup 25 ms, rep 100 ms); *_from_idle rows: dldna.bench.time_fn")
+                timer="triton.testing.do_bench median (warmup 25 ms, rep 100 ms); "
+                      "*_from_idle rows: dldna.bench.time_fn")
     command = "python " + " ".join(["benchmarks/paged_decode.py", *sys.argv[1:]])
     if not args.tiny:
         print("saved", save_result("paged_decode", data, command))

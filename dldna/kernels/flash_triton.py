@@ -397,8 +397,8 @@ def interpreting() -> bool:
 # Forward: 128-row query blocks feed two warpgroups' wgmma; block_n trades registers (the score tile) for fewer
 # online-softmax rescalings. 64 x 64 tiles on one warpgroup, two programs per SM, loaded by the copy engine (TMA),
 # were among the fastest on an H200 at causal N=16k, D=128 and for sliding windows (every candidate's time: the
-# tuning log in results/flash_attention_bench.json). Backward: dK/dV keep two (block_n x D) fp32 accumulators in registers, so a wide
-# key block needs 8 warps at D = 128.
+# tuning log in results/flash_attention_bench.json). Backward: dK/dV keep two (block_n x D) fp32 accumulators in
+# registers, so a wide key block needs 8 warps at D = 128.
 _GPU_CONFIGS = {
     "fwd": {
         64: [KernelConfig(128, 64, 4, 3), KernelConfig(128, 64, 4, 4), KernelConfig(128, 128, 8, 3),
