@@ -6,21 +6,37 @@ call is the Python and launch work on the host, which ``do_bench`` hides only up
 
     python benchmarks/flash_host_overhead.py      # on a GPU; prints one line per implementation and pass
 """
-import time, torch, torch.nn.functional as F
+import time
+
+import torch
+import torch.nn.functional as F
+
 from dldna.kernels import flash_attention
-for d in (64, 128):
-    q, k, v = (torch.randn(1, 2, 128, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    fns = {"dldna": lambda: flash_attention(q, k, v, causal=True),
-           "dldna_window": lambda: flash_attention(q, k, v, causal=True, window=64),
-           "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
-    for name, fn in fns.items():
-        for _ in range(20): fn()
-        torch.cuda.synchronize(); t0 = time.perf_counter()
-        for _ in range(200): fn()
-        torch.cuda.synchronize(); print(d, name, "fwd us/call", round((time.perf_counter() - t0) / 200 * 1e6, 1))
-        def fb():
-            fn().sum().backward()
-        for _ in range(5): fb()
-        torch.cuda.synchronize(); t0 = time.perf_counter()
-        for _ in range(100): fb()
-        torch.cuda.synchronize(); print(d, name, "fwd+bwd us/call", round((time.perf_counter() - t0) / 100 * 1e6, 1))
+
+
+def per_call_us(fn, warmup: int, calls: int) -> float:
+    """Mean wall time of ``fn()`` in microseconds, the GPU drained before and after."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main() -> None:
+    for d in (64, 128):
+        q, k, v = (torch.randn(1, 2, 128, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        fns = {"dldna": lambda: flash_attention(q, k, v, causal=True),
+               "dldna_window": lambda: flash_attention(q, k, v, causal=True, window=64),
+               "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+        for name, fn in fns.items():
+            print(d, name, "fwd us/call", round(per_call_us(fn, 20, 200), 1))
+            print(d, name, "fwd+bwd us/call", round(per_call_us(lambda: fn().sum().backward(), 5, 100), 1))
+
+
+if __name__ == "__main__":
+    main()

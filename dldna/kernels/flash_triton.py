@@ -67,6 +67,26 @@ def _block_range(start, BLOCK_ROWS: tl.constexpr, n_cols, BLOCK_COLS: tl.constex
     return lo, full_lo, full_hi, hi
 
 
+@triton.jit
+def _load_rows(T, b, h, start, n_rows, stride_n, offs_d, ROWS: tl.constexpr, MASKED: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    """Rows [start, start + ROWS) of one head's ``(N, D)`` matrix, as a ``(ROWS, D)`` tile.
+
+    USE_TMA: ``T`` is a 4-D tensor descriptor and ``(b, h)`` picks the head (the copy engine zero-fills rows past
+    the end). Otherwise ``T`` points at the head's first row; MASKED zero-fills rows ``>= n_rows``.
+    """
+    if USE_TMA:
+        tile = T.load([b, h, start, 0]).reshape([ROWS, offs_d.shape[0]])
+    else:
+        offs = start + tl.arange(0, ROWS)
+        ptrs = T + offs[:, None] * stride_n + offs_d[None, :]
+        if MASKED:
+            tile = tl.load(ptrs, mask=offs[:, None] < n_rows, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
 # ----------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k, band_lo, band_hi,
@@ -77,12 +97,7 @@ def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, of
     USE_TMA: ``K``/``V`` are 4-D tensor descriptors (the copy engine fetches the tile; rows past the end are zeros).
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    if USE_TMA:
-        k = K.load([b, hk, start_n, 0]).reshape([BLOCK_N, q.shape[1]])
-    elif MASKED:
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=offs_n[:, None] < n_k, other=0.0)
-    else:
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :])
+    k = _load_rows(K, b, hk, start_n, n_k, stride_kn, offs_d, BLOCK_N, MASKED, USE_TMA)
     qk = tl.dot(q, tl.trans(k))
     if MASKED:
         keep = _band_mask(offs_m, offs_n, n_k, band_lo, band_hi, HAS_LO, HAS_HI)
@@ -96,12 +111,7 @@ def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, of
     alpha = tl.math.exp2(m_i - m_ij)  # rescale what was accumulated against the old running max
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if USE_TMA:
-        v = V.load([b, hk, start_n, 0]).reshape([BLOCK_N, q.shape[1]])
-    elif MASKED:
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=offs_n[:, None] < n_k, other=0.0)
-    else:
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :])
+    v = _load_rows(V, b, hk, start_n, n_k, stride_vn, offs_d, BLOCK_N, MASKED, USE_TMA)
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_ij
 
@@ -202,18 +212,8 @@ def _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_
               USE_TMA: tl.constexpr = False, b=0, hk=0):
     """Fold key block [start_n, start_n + BLOCK_N) into dQ. USE_TMA: ``K``/``V`` are 4-D tensor descriptors."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    if USE_TMA:  # rows past n_k arrive as zeros
-        k = K.load([b, hk, start_n, 0]).reshape([BLOCK_N, q.shape[1]])
-        v = V.load([b, hk, start_n, 0]).reshape([BLOCK_N, q.shape[1]])
-    else:
-        k_ptrs = K + offs_n[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = V + offs_n[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
-            k = tl.load(k_ptrs, mask=offs_n[:, None] < n_k, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_n[:, None] < n_k, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+    k = _load_rows(K, b, hk, start_n, n_k, stride_kn, offs_d, BLOCK_N, MASKED, USE_TMA)
+    v = _load_rows(V, b, hk, start_n, n_k, stride_vn, offs_d, BLOCK_N, MASKED, USE_TMA)
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # recomputed, never stored
     if MASKED:
         p = tl.where(_band_mask(offs_m, offs_n, n_k, band_lo, band_hi, HAS_LO, HAS_HI), p, 0.0)
@@ -275,24 +275,24 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX,
 
 
 @triton.jit
+def _head_source(T, b, h, stride_b, stride_h, USE_TMA: tl.constexpr):
+    """What ``_load_rows`` reads head (b, h) from: the descriptor itself, or the pointer to the head's first row."""
+    if USE_TMA:
+        src = T
+    else:
+        src = T + b * stride_b + h * stride_h
+    return src
+
+
+@triton.jit
 def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_don, start_m, offs_n, offs_d, n_q,
                 band_lo, band_hi, qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                 HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, USE_TMA: tl.constexpr = False, b=0, h=0):
     """Fold query block [start_m, start_m + BLOCK_M) into dK, dV of one key block (transposed: keys are rows).
     USE_TMA: ``Q``/``DO`` are 4-D tensor descriptors (rows past n_q arrive as zeros)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    if USE_TMA:
-        q = Q.load([b, h, start_m, 0]).reshape([BLOCK_M, k.shape[1]])
-        do = DO.load([b, h, start_m, 0]).reshape([BLOCK_M, k.shape[1]])
-    else:
-        q_ptrs = Q + offs_m[:, None] * stride_qn + offs_d[None, :]
-        do_ptrs = DO + offs_m[:, None] * stride_don + offs_d[None, :]
-        if MASKED:
-            q = tl.load(q_ptrs, mask=offs_m[:, None] < n_q, other=0.0)
-            do = tl.load(do_ptrs, mask=offs_m[:, None] < n_q, other=0.0)
-        else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
+    q = _load_rows(Q, b, h, start_m, n_q, stride_qn, offs_d, BLOCK_M, MASKED, USE_TMA)
+    do = _load_rows(DO, b, h, start_m, n_q, stride_don, offs_d, BLOCK_M, MASKED, USE_TMA)
     lse2 = _load_lse2(LSE, offs_m, n_q)
     delta = tl.load(DELTA + offs_m, mask=offs_m < n_q, other=0.0)
     p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # P^T, (BLOCK_N, BLOCK_M)
@@ -347,10 +347,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX,
             g = it // tl.maximum(n_full, 1)
             start_m = tl.multiple_of(full_lo + (it - g * n_full) * BLOCK_M, BLOCK_M)
             h = hk * GROUP + g
-            if USE_TMA:
-                q_src, do_src = Q, DO
-            else:
-                q_src, do_src = Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh
+            q_src = _head_source(Q, b, h, stride_qb, stride_qh, USE_TMA)
+            do_src = _head_source(DO, b, h, stride_dob, stride_doh, USE_TMA)
             dk, dv = _dkdv_block(dk, dv, k, v, q_src, do_src, LSE + (b * H + h) * n_q, DELTA + (b * H + h) * n_q,
                                  stride_qn, stride_don, start_m, offs_n, offs_d, n_q, band_lo, band_hi, qk_scale,
                                  BLOCK_M, False, HAS_LO, HAS_HI, USE_TMA, b.to(tl.int32), h.to(tl.int32))
@@ -362,10 +360,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX,
         else:
             start_m = tl.where(j < n_left, lo + j * BLOCK_M, full_hi + (j - n_left) * BLOCK_M)
         h = hk * GROUP + g
-        if USE_TMA:
-            q_src, do_src = Q, DO
-        else:
-            q_src, do_src = Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh
+        q_src = _head_source(Q, b, h, stride_qb, stride_qh, USE_TMA)
+        do_src = _head_source(DO, b, h, stride_dob, stride_doh, USE_TMA)
         dk, dv = _dkdv_block(dk, dv, k, v, q_src, do_src, LSE + (b * H + h) * n_q, DELTA + (b * H + h) * n_q,
                              stride_qn, stride_don, start_m, offs_n, offs_d, n_q, band_lo, band_hi, qk_scale, BLOCK_M,
                              True, HAS_LO and not SPARSE, HAS_HI and not SPARSE, USE_TMA, b.to(tl.int32),
@@ -509,8 +505,8 @@ def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None)
         grid = (triton.cdiv(n_q, cfg.block_m), b * h)
         tensors = (q, k, v, o)
         if cfg.tma:
-            tensors = tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d])
-                            for t, rows in zip(tensors, (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)))
+            tensors = tuple(_descriptor(t, rows) for t, rows in zip(tensors, (cfg.block_m, cfg.block_n, cfg.block_n,
+                                                                                   cfg.block_m)))
         _attn_fwd[grid](*tensors, lse, row_ptr, col_idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                         h, h // n_kv, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E,
                         HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -524,6 +520,11 @@ def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None)
     tma_ok = _tma_ok(q, k, v, o)
     launch(_pick_config("fwd", key + (tma_ok,), d, launch, tma_ok=tma_ok))
     return o, lse
+
+
+def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    """A 4-D ``(B, H, N, D)`` tensor as a tensor descriptor whose blocks are ``rows`` rows of one head."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
 
 
 @functools.lru_cache(maxsize=None)
@@ -579,7 +580,7 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
     def launch_dq(cfg):
         kt, vt = k, v
         if cfg.tma:
-            kt, vt = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, cfg.block_n, d]) for t in (k, v))
+            kt, vt = _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)
         _attn_bwd_dq[(triton.cdiv(n_q, cfg.block_m), b * h)](
             q, kt, vt, do, dq, lse, delta, row_ptr, col_idx, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             *_strides(dq), h, group, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E, scale,
@@ -593,7 +594,7 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
     def launch_dkdv(cfg):
         qt, dot = q, do
         if cfg.tma:
-            qt, dot = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, cfg.block_m, d]) for t in (q, do))
+            qt, dot = _descriptor(q, cfg.block_m), _descriptor(do, cfg.block_m)
         _attn_bwd_dkdv[(triton.cdiv(n_k, cfg.block_n), b * n_kv)](
             qt, k, v, dot, dk, dv, lse, delta, col_ptr, row_idx, *_strides(q), *_strides(k), *_strides(v),
             *_strides(do), *_strides(dk), *_strides(dv), h, group, n_q, n_k, t_lo or 0, t_hi or 0, scale * LOG2E,
