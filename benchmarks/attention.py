@@ -1,10 +1,13 @@
 """FlashAttention peer comparison on one GPU: dldna's Triton kernel vs PyTorch SDPA backends and FlexAttention.
 
 For N in {1k, 4k, 16k, 64k}, head_dim in {64, 128}, masks {causal, causal sliding window 1024}, forward and
-forward+backward, bf16, median time of ``triton.testing.do_bench``. Peers: ``scaled_dot_product_attention`` with
-the FLASH (FlashAttention-2), CUDNN and EFFICIENT backends (causal only: none takes a window without a dense
-mask) and ``flex_attention`` compiled, with its block mask built once per shape (``dldna.bench.flex_block_mask``).
-One extra row: a BigBird block layout, ``block_sparse_flash_attention`` vs FlexAttention with the same layout.
+forward+backward, bf16, median time of ``triton.testing.do_bench`` with its default 25 ms warm-up and 100 ms of
+timed calls: long enough for the GPU to settle at the clock it holds under its power limit (from an idle GPU the
+same kernel timed up to 6 % faster); every row records the median SM clock over its run. Peers:
+``scaled_dot_product_attention`` with the FLASH (FlashAttention-2), CUDNN and EFFICIENT backends (causal only: none
+takes a window without a dense mask) and ``flex_attention`` compiled, with its block mask built once per shape
+(``dldna.bench.flex_block_mask``). One extra row: a BigBird block layout, ``block_sparse_flash_attention`` vs
+FlexAttention with the same layout.
 
 TFLOP/s count only unmasked work: forward ``4 * D * B * H * pairs`` with pairs = N^2/2 for causal (as is usual)
 and the exact number of allowed pairs for windows and layouts; forward+backward counts 3.5x the forward (the
@@ -159,7 +162,7 @@ def compile_jobs(all_cases):
     return [("ours", job) for job in ours] + [("peers", case) for case in all_cases]
 
 
-def time_case(case, deadline, rep_ms, log):
+def time_case(case, deadline, rep_ms, log, warmup_ms=25.0, gpu=None):
     import triton
 
     from dldna.kernels import flash_triton as ft
@@ -189,8 +192,11 @@ def time_case(case, deadline, rep_ms, log):
                 else:
                     def run(fn=fn):
                         fn().backward(grad)
-                ms = triton.testing.do_bench(run, warmup=10, rep=rep_ms, grad_to_none=[q, k, v], return_mode="median")
+                ms = triton.testing.do_bench(run, warmup=warmup_ms, rep=rep_ms, grad_to_none=[q, k, v],
+                                             return_mode="median")
                 row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+                if gpu is not None:
+                    row.update(gpu.between(t0, time.time()))
             except Exception as err:
                 row["error"] = repr(err)[:300]
             row["wall_s"] = round(time.time() - t0, 1)
@@ -286,7 +292,8 @@ def main():
     parser.add_argument("--compile-workers", type=int, default=8, help="processes that pre-compile (0: none)")
     parser.add_argument("--compile-budget-s", type=float, default=200.0)
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop timing new rows after this many seconds")
-    parser.add_argument("--rep-ms", type=float, default=40.0)
+    parser.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up per row (its default)")
+    parser.add_argument("--rep-ms", type=float, default=100.0, help="do_bench timing window per row (its default)")
     parser.add_argument("--wait-file", default=None, help="compile at once, but time only once this file exists")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -324,21 +331,25 @@ def main():
         partial.write(json.dumps(row) + "\n")
         partial.flush()
         value = f"{row['tflops']:.0f} TFLOP/s" if "tflops" in row else row.get("error", "")[:80]
+        if row.get("sm_clock_mhz"):
+            value += f" at {row['sm_clock_mhz']:.0f} MHz"
         print(f"[{time.time() - t0:5.0f}s] {row['mask']} D={row['head_dim']} N={row['n']} {row['impl']} "
               f"{row['pass']}: {value} ({row['wall_s']} s)", flush=True)
 
     rows, tuning, errors = [], [], []
+    from dldna.bench import GpuMonitor
     from dldna.kernels import flash_triton as ft
 
-    for case in all_cases:
-        faulthandler.dump_traceback_later(120, exit=False)  # a row stuck for 2 minutes prints where it is
-        try:
-            r, _ = time_case(case, deadline, args.rep_ms, log)
-            rows += r
-        except Exception:
-            errors.append({"case": case, "error": traceback.format_exc()[-800:]})
-            print(f"[main] {case} FAILED: {errors[-1]['error']}", flush=True)
-        faulthandler.cancel_dump_traceback_later()
+    with GpuMonitor() as gpu:
+        for case in all_cases:
+            faulthandler.dump_traceback_later(120, exit=False)  # a row stuck for 2 minutes prints where it is
+            try:
+                r, _ = time_case(case, deadline, args.rep_ms, log, args.warmup_ms, gpu)
+                rows += r
+            except Exception:
+                errors.append({"case": case, "error": traceback.format_exc()[-800:]})
+                print(f"[main] {case} FAILED: {errors[-1]['error']}", flush=True)
+            faulthandler.cancel_dump_traceback_later()
     tuning = list(ft.TUNING_LOG)
     ratios, targets = summarize(rows)
     data = {
@@ -349,7 +360,8 @@ def main():
         "errors": errors,
         "dtype": "bfloat16",
         "flop_convention": "fwd 4*D*B*H*pairs (causal pairs N^2/2, windows/layouts exact); fwd+bwd 3.5x fwd",
-        "timer": f"triton.testing.do_bench median, warmup 10 ms, rep {args.rep_ms} ms, L2 flushed",
+        "timer": f"triton.testing.do_bench median, warm-up {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms, L2 flushed; "
+                 "sm_clock_mhz: median of nvidia-smi samples over the row",
         "wall_s": round(time.time() - t0, 1),
     }
     command = "python benchmarks/attention.py " + " ".join(sys.argv[1:])

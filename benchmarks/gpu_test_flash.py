@@ -114,6 +114,8 @@ def run_group(group) -> list[dict]:
 
     kind, a, b_ = group
     rows = []
+    for kernel in ("fwd", "dq", "dkdv"):  # a worker process may have run another group before: tune afresh
+        ft.force_config(kernel, None)
 
     def record(name, dtype_name, fn, shape, mask, seed):
         t0 = time.time()
@@ -173,6 +175,22 @@ def run_group(group) -> list[dict]:
                     return block_sparse_flash_attention(q, k, v, layout, block, return_lse=True, backend="triton")
 
                 record(f"sparse {name} block={block}", dtype_name, fn, (2, 4, 2, n, n, d), mask, seed=block + d)
+            # every candidate config of each kernel once, on the BigBird layout (tiles that divide the block)
+            name, layout = "bigbird", layouts["bigbird"]
+            mask = block_mask_from_layout(layout.to(DEVICE), block, n, n)
+            for kernel in ("fwd", "dq", "dkdv"):
+                for cfg in ft._sparse_configs(kernel, block, d):
+                    for other in ("fwd", "dq", "dkdv"):
+                        ft.force_config(other, ft._sparse_configs(other, block, d)[0])
+                    ft.force_config(kernel, cfg)
+
+                    def fn(q, k, v, layout=layout, block=block):
+                        return block_sparse_flash_attention(q, k, v, layout, block, return_lse=True, backend="triton")
+
+                    record(f"sparse {name} block={block} {kernel}={cfg}", dtype_name, fn, (2, 4, 2, n, n, d), mask,
+                           seed=block + d + 1)
+            for kernel in ("fwd", "dq", "dkdv"):
+                ft.force_config(kernel, None)
     return rows
 
 

@@ -113,6 +113,51 @@ def fit_loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return float(slope)
 
 
+class GpuMonitor:
+    """Samples the GPU's SM clock (MHz) every ``interval_ms`` with ``nvidia-smi`` in the background;
+    ``between(t0, t1)`` gives the median over a ``time.time()`` interval (None where nvidia-smi is missing). A
+    kernel's speed follows the clock, and under a long heavy load the GPU lowers its clock to stay within its power
+    limit (an H200 at 700 W ran FlashAttention at 1.6-1.9 GHz instead of 1.98 GHz).
+
+        with GpuMonitor() as gpu:
+            t0 = time.time(); ...; print(gpu.between(t0, time.time()))
+    """
+
+    def __init__(self, interval_ms: int = 100):
+        self.interval_ms = interval_ms
+        self.samples: list[tuple[float, float]] = []  # (time.time(), MHz)
+        self._proc = None
+
+    def __enter__(self) -> "GpuMonitor":
+        import shutil
+        import subprocess
+        import threading
+
+        if shutil.which("nvidia-smi") is None:
+            return self
+        self._proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits", f"-lms={self.interval_ms}"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            try:
+                self.samples.append((time.time(), float(line.split(",")[0])))
+            except ValueError:  # "[N/A]" or a message instead of a number
+                continue
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=5)
+
+    def between(self, t0: float, t1: float) -> dict:
+        inside = [mhz for t, mhz in self.samples if t0 <= t <= t1]
+        return {"sm_clock_mhz": statistics.median(inside) if inside else None}
+
+
 def flex_block_mask(mask_mod: Callable, n: int, block_size: int = 128, device: torch.device | str = "cpu"):
     """FlexAttention ``BlockMask`` for an ``n x n`` mask shared by all batches and heads, built without
     ``torch.compile``.

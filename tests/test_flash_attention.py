@@ -216,6 +216,23 @@ def test_triton_kernels_through_tensor_descriptors(tma_kernels):
             ft.force_config(kernel, None)
 
 
+@pytest.mark.parametrize("chunk_bytes", [26_880, 53_760])
+def test_triton_tile_order_in_chunks_of_heads(chunk_bytes, monkeypatch):
+    """Causal programs run heads in chunks (``_tile``): every tile exactly once, also when the last chunk is short.
+    26 880 bytes make chunks of 3 of the 8 query heads (3, 3, 2) and 1 K/V head for dK/dV; 53 760 make chunks of 6
+    (6, 2) and of 3 of the 4 K/V heads (3, 1)."""
+    _, ft = _triton_kernels()
+    monkeypatch.setattr(ft, "L2_CHUNK_BYTES", chunk_bytes)
+    assert ft._heads_per_chunk(8, 70, 16 * 4, True) == chunk_bytes // 8960
+    assert ft._heads_per_chunk(8, 70, 16 * 4, False) == 1
+    q, k, v, grad = _inputs(2, 4, 2, 70, 70, 16, torch.float32, seed=chunk_bytes % 97)
+
+    def fn(q, k, v):
+        return flash_attention(q, k, v, causal=True, return_lse=True, backend="triton")
+
+    _check_against_reference(fn, q, k, v, grad, _mask(70, 70, True, None), BOUNDS[torch.float32])
+
+
 @pytest.mark.parametrize("dtype,block", [(torch.float32, 32), (torch.float16, 16)])
 def test_triton_block_sparse_matches_reference(dtype, block):
     _triton_kernels()

@@ -1,6 +1,7 @@
 """Config, measurement helpers, stored results and the printed complexity_benchmark facade (chapter 1)."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -161,3 +162,23 @@ def test_printed_complexity_benchmark_api():
     fig = plot_complexity_analysis(results)
     assert len(fig.axes) == 2
     assert math.isfinite(fig.axes[0].get_lines()[0].get_ydata()[0])
+
+
+def test_gpu_monitor_reads_the_clock_from_nvidia_smi(tmp_path, monkeypatch):
+    """A stand-in nvidia-smi prints three samples (one unreadable); the median over the interval is the middle one."""
+    import time
+
+    from dldna.bench import GpuMonitor
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '1980\\n[N/A]\\n1755\\n1710\\n'\nexec sleep 5\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    t0 = time.time()
+    with GpuMonitor() as gpu:
+        deadline = time.time() + 5
+        while len(gpu.samples) < 3 and time.time() < deadline:
+            time.sleep(0.01)
+    assert [mhz for _, mhz in gpu.samples] == [1980.0, 1755.0, 1710.0]
+    assert gpu.between(t0, time.time()) == {"sm_clock_mhz": 1755.0}
+    assert gpu.between(0, 1) == {"sm_clock_mhz": None}

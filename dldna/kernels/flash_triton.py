@@ -27,7 +27,7 @@ LN2 = 0.6931471805599453
 
 # Integer arguments whose value changes from call to call (lengths, band limits, head counts) are not
 # specialised, so one compiled kernel serves every sequence length.
-_DYNAMIC = ["H", "GROUP", "n_q", "n_k", "band_lo", "band_hi"]
+_DYNAMIC = ["H", "GROUP", "n_q", "n_k", "band_lo", "band_hi", "n_bh", "heads_per_chunk"]
 
 
 @triton.jit
@@ -65,6 +65,23 @@ def _block_range(start, BLOCK_ROWS: tl.constexpr, n_cols, BLOCK_COLS: tl.constex
     full_lo = tl.minimum(full_lo, tl.cdiv(hi, BLOCK_COLS) * BLOCK_COLS)
     full_hi = tl.maximum(full_hi, full_lo)
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _tile(n_blocks, n_bh, heads_per_chunk):
+    """This program's ``(rank, bh)`` on a 1-D grid of ``n_blocks * n_bh`` tiles; rank 0 is a head's heaviest block.
+
+    Heads are taken ``heads_per_chunk`` at a time; inside a chunk, rank-major: every head's heaviest block, then
+    every head's next one, and so on. Under a causal mask that is longest-job-first over the whole chunk, so the
+    last programs to start are short ones (no long tail on a few SMs), while the chunk's K/V stays in L2 (the host
+    sizes the chunk). ``heads_per_chunk = 1`` is head by head, the order that suits sliding windows best.
+    """
+    pid = tl.program_id(0)
+    per_chunk = heads_per_chunk * n_blocks
+    chunk = pid // per_chunk
+    heads_here = tl.minimum(heads_per_chunk, n_bh - chunk * heads_per_chunk)
+    r = pid - chunk * per_chunk
+    return r // heads_here, chunk * heads_per_chunk + r % heads_here
 
 
 @triton.jit
@@ -120,15 +137,18 @@ def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, of
 def _attn_fwd(Q, K, V, O, LSE, ROW_PTR, COL_IDX,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-              H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale,
+              H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale, n_bh, heads_per_chunk,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr = False):
-    """Grid (query blocks, B * H). Dense: the band's key blocks. SPARSE: the kept key blocks of this block row,
-    COL_IDX[ROW_PTR[m]:ROW_PTR[m + 1]] (CSR of the block layout; BLOCK_M == BLOCK_N). USE_TMA (Hopper, dense):
-    Q, K, V, O are 4-D tensor descriptors with blocks (1, 1, rows, HEAD_DIM) instead of pointers."""
+              HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr = False,
+              LAYOUT_BLOCK: tl.constexpr = 1):
+    """1-D grid of query blocks x B * H (order: ``_tile``). Dense: the band's key blocks. SPARSE: the kept key
+    blocks of this block's layout row r, COL_IDX[ROW_PTR[r]:ROW_PTR[r + 1]] (CSR of a layout of LAYOUT_BLOCK-token
+    blocks, which BLOCK_M and BLOCK_N divide: a kept layout block is LAYOUT_BLOCK // BLOCK_N steps of the loop).
+    USE_TMA (Hopper, dense): Q, K, V, O are 4-D tensor descriptors with blocks (1, 1, rows, HEAD_DIM)."""
     # Query blocks in reverse order: under a causal mask the last blocks have the most work, start them first.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    n_blocks = tl.cdiv(n_q, BLOCK_M)
+    rank, bh = _tile(n_blocks, n_bh, heads_per_chunk)
+    pid_m = n_blocks - 1 - rank
     b32 = bh // H  # int32 indices for the tensor descriptors
     h32 = bh % H
     hk32 = h32 // GROUP
@@ -152,8 +172,10 @@ def _attn_fwd(Q, K, V, O, LSE, ROW_PTR, COL_IDX,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if SPARSE:
-        for idx in range(tl.load(ROW_PTR + pid_m), tl.load(ROW_PTR + pid_m + 1)):
-            start_n = tl.load(COL_IDX + idx) * BLOCK_N
+        steps: tl.constexpr = LAYOUT_BLOCK // BLOCK_N  # loop steps per kept layout block
+        layout_row = start_m // LAYOUT_BLOCK
+        for it in range(tl.load(ROW_PTR + layout_row) * steps, tl.load(ROW_PTR + layout_row + 1) * steps):
+            start_n = tl.load(COL_IDX + it // steps) * LAYOUT_BLOCK + (it % steps) * BLOCK_N
             acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
                                        band_lo, band_hi, qk_scale, BLOCK_N, True, False, False)
     else:
@@ -182,23 +204,6 @@ def _attn_fwd(Q, K, V, O, LSE, ROW_PTR, COL_IDX,
 
 
 # ---------------------------------------------------------------------------------------------- backward
-@triton.jit(do_not_specialize=["H", "n_q"])
-def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
-                    H, n_q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta_i = sum_d dO_id * O_id (= sum_j P_ij dP_ij), the row term of the softmax gradient."""
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    rows = offs_m[:, None] < n_q
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :], mask=rows, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :], mask=rows,
-                 other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * n_q + offs_m, delta, mask=offs_m < n_q)
-
-
 @triton.jit
 def _load_lse2(LSE, offs, n):
     """LSE in base 2 for rows < n; rows without keys (-inf) become +inf so that P = exp2(s - lse) = 0."""
@@ -223,22 +228,28 @@ def _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_
 
 
 @triton.jit(do_not_specialize=_DYNAMIC)
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX,
+def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                 stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-                 H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale, sm_scale,
+                 stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+                 stride_dqb, stride_dqh, stride_dqn,
+                 H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale, sm_scale, n_bh, heads_per_chunk,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr = False):
+                 HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr = False,
+                 LAYOUT_BLOCK: tl.constexpr = 1):
     """dQ of one query block: the forward's loop again, with dS = P * (dP - delta) in place of the softmax.
+    It first computes the block's ``delta_i = sum_d dO_id O_id`` (= sum_j P_ij dP_ij, the row term of the softmax
+    gradient) and stores it for the dK/dV kernel, which runs next. Same grid and order as the forward.
     USE_TMA (dense): K and V are 4-D tensor descriptors with blocks (1, 1, BLOCK_N, HEAD_DIM)."""
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    n_blocks = tl.cdiv(n_q, BLOCK_M)
+    rank, bh = _tile(n_blocks, n_bh, heads_per_chunk)
+    pid_m = n_blocks - 1 - rank
     b32 = bh // H  # int32 indices for the tensor descriptors
     hk32 = (bh % H) // GROUP
     b = b32.to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
     Q += b * stride_qb + h * stride_qh
+    O += b * stride_ob + h * stride_oh
     DO += b * stride_dob + h * stride_doh
     DQ += b * stride_dqb + h * stride_dqh
     if not USE_TMA:
@@ -253,12 +264,17 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX,
     q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=rows, other=0.0)
     do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :], mask=rows, other=0.0)
     lse2 = _load_lse2(LSE, offs_m, n_q)
-    delta = tl.load(DELTA + offs_m, mask=offs_m < n_q, other=0.0)
+    o = tl.load(O + offs_m[:, None] * stride_on + offs_d[None, :], mask=rows, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + offs_m, delta, mask=offs_m < n_q)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if SPARSE:
-        for idx in range(tl.load(ROW_PTR + pid_m), tl.load(ROW_PTR + pid_m + 1)):
-            dq = _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, tl.load(COL_IDX + idx) * BLOCK_N,
-                           offs_m, offs_d, n_k, band_lo, band_hi, qk_scale, BLOCK_N, True, False, False)
+    if SPARSE:  # as in the forward
+        steps: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
+        layout_row = start_m // LAYOUT_BLOCK
+        for it in range(tl.load(ROW_PTR + layout_row) * steps, tl.load(ROW_PTR + layout_row + 1) * steps):
+            start_n = tl.load(COL_IDX + it // steps) * LAYOUT_BLOCK + (it % steps) * BLOCK_N
+            dq = _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
+                           band_lo, band_hi, qk_scale, BLOCK_N, True, False, False)
     else:
         lo, full_lo, full_hi, hi = _block_range(start_m, BLOCK_M, n_k, BLOCK_N, band_lo, band_hi, HAS_LO, HAS_HI)
         for start_n in range(lo, full_lo, BLOCK_N):
@@ -310,18 +326,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
                    stride_dvb, stride_dvh, stride_dvn,
-                   H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale, sm_scale,
+                   H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale, sm_scale, n_bh, heads_per_chunk,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr = False):
-    """Grid (key blocks, B * Hkv). band_lo/band_hi bound ``i - j`` (query minus key): the forward's band seen from
-    the keys' side. SPARSE: the query blocks that keep this key block, ROW_IDX[COL_PTR[n]:COL_PTR[n + 1]] (CSC).
-    USE_TMA (dense): Q and DO are 4-D tensor descriptors with blocks (1, 1, BLOCK_M, HEAD_DIM).
+                   HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr = False,
+                   LAYOUT_BLOCK: tl.constexpr = 1):
+    """1-D grid of key blocks x B * Hkv (order: ``_tile``; under a causal mask the first key blocks are heaviest).
+    band_lo/band_hi bound ``i - j`` (query minus key): the forward's band seen from the keys' side. SPARSE: the
+    query blocks that keep this key block's layout column c, ROW_IDX[COL_PTR[c]:COL_PTR[c + 1]] (CSC), each
+    LAYOUT_BLOCK // BLOCK_M steps of the loop. USE_TMA (dense): Q and DO are 4-D tensor descriptors with blocks
+    (1, 1, BLOCK_M, HEAD_DIM).
 
     GQA: every query head of the group adds to this K/V head. The (head, block) pairs are walked as ONE flat loop
     per kind of block: a loop over heads around the block loops made the compiler spill registers.
     """
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
+    pid_n, bhk = _tile(tl.cdiv(n_k, BLOCK_N), n_bh, heads_per_chunk)
     n_kv_heads = H // GROUP
     b = (bhk // n_kv_heads).to(tl.int64)
     hk = (bhk % n_kv_heads).to(tl.int64)
@@ -335,9 +353,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX,
     v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=cols, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    steps: tl.constexpr = LAYOUT_BLOCK // BLOCK_M  # SPARSE: loop steps per kept layout block
     if SPARSE:
-        first = tl.load(COL_PTR + pid_n)
-        n_masked = tl.load(COL_PTR + pid_n + 1) - first
+        layout_col = start_n // LAYOUT_BLOCK
+        first = tl.load(COL_PTR + layout_col)
+        n_masked = (tl.load(COL_PTR + layout_col + 1) - first) * steps
     else:
         lo, full_lo, full_hi, hi = _block_range(start_n, BLOCK_N, n_q, BLOCK_M, band_lo, band_hi, HAS_LO, HAS_HI)
         n_left = (full_lo - lo) // BLOCK_M
@@ -356,7 +376,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX,
         g = it // tl.maximum(n_masked, 1)
         j = it - g * n_masked
         if SPARSE:
-            start_m = tl.load(ROW_IDX + first + j) * BLOCK_M
+            start_m = tl.load(ROW_IDX + first + j // steps) * LAYOUT_BLOCK + (j % steps) * BLOCK_M
         else:
             start_m = tl.where(j < n_left, lo + j * BLOCK_M, full_hi + (j - n_left) * BLOCK_M)
         h = hk * GROUP + g
@@ -392,19 +412,23 @@ def interpreting() -> bool:
 # Hopper candidates (block_m, block_n, warps, stages); the tuner times them once per shape class.
 # Forward: 128-row query blocks feed two warpgroups' wgmma; block_n trades registers (the score tile) for fewer
 # online-softmax rescalings. 64 x 64 tiles on one warpgroup, two programs per SM, loaded by the copy engine (TMA),
-# were among the fastest on an H200 at causal N=16k, D=128 and for sliding windows (every candidate's time: the
-# tuning log in results/flash_attention_bench.json). Backward: dK/dV keep two (block_n x D) fp32 accumulators in
-# registers, so a wide key block needs 8 warps at D = 128.
+# won most forward rows on an H200, sliding windows among them. At causal N=16k, D=128, 128 x 128 TMA tiles (each K/V
+# tile read once for 128 query rows) won by 7 % (every candidate's time: the tuning log in
+# results/flash_attention_bench.json); with 3 stages they take 230,400 of the 232,448 bytes of shared memory a block
+# may use. Backward: dK/dV keep two (block_n x D) fp32 accumulators in registers, so a wide key block needs 8 warps
+# at D = 128.
 _GPU_CONFIGS = {
     "fwd": {
         64: [KernelConfig(128, 64, 4, 3), KernelConfig(128, 64, 4, 4), KernelConfig(128, 128, 8, 3),
              KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 4),
              KernelConfig(128, 64, 4, 3, tma=True), KernelConfig(128, 128, 8, 3, tma=True),
-             KernelConfig(64, 64, 4, 2, tma=True), KernelConfig(64, 64, 4, 3, tma=True)],
+             KernelConfig(64, 64, 4, 2, tma=True), KernelConfig(64, 64, 4, 3, tma=True),
+             KernelConfig(128, 64, 8, 3, tma=True), KernelConfig(128, 128, 8, 4, tma=True)],
         128: [KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 4), KernelConfig(128, 128, 8, 2),
               KernelConfig(128, 128, 8, 3), KernelConfig(64, 64, 4, 3),
               KernelConfig(128, 64, 8, 3, tma=True), KernelConfig(128, 128, 8, 2, tma=True),
-              KernelConfig(64, 64, 4, 2, tma=True), KernelConfig(64, 64, 4, 3, tma=True)],
+              KernelConfig(64, 64, 4, 2, tma=True), KernelConfig(64, 64, 4, 3, tma=True),
+              KernelConfig(128, 64, 8, 4, tma=True), KernelConfig(128, 128, 8, 3, tma=True)],
     },
     "dq": {
         64: [KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 3), KernelConfig(128, 32, 4, 3),
@@ -416,7 +440,8 @@ _GPU_CONFIGS = {
         64: [KernelConfig(64, 128, 8, 3), KernelConfig(32, 128, 8, 3), KernelConfig(64, 64, 4, 3),
              KernelConfig(32, 64, 4, 4), KernelConfig(64, 64, 4, 3, tma=True), KernelConfig(64, 128, 8, 3, tma=True)],
         128: [KernelConfig(32, 128, 8, 3), KernelConfig(64, 128, 8, 3), KernelConfig(32, 64, 4, 4),
-              KernelConfig(64, 128, 8, 2), KernelConfig(64, 128, 8, 2, tma=True), KernelConfig(32, 64, 4, 4, tma=True)],
+              KernelConfig(64, 128, 8, 2), KernelConfig(64, 128, 8, 2, tma=True), KernelConfig(32, 64, 4, 4, tma=True),
+              KernelConfig(64, 64, 8, 3, tma=True), KernelConfig(32, 128, 8, 2, tma=True)],
     },
 }
 # (Registers, spills and shared memory of each: benchmarks/flash_compile_report.py, results/flash_compile_report.json.)
@@ -446,18 +471,30 @@ def candidate_configs(kernel: str, head_dim: int) -> list[KernelConfig]:
     return _GPU_CONFIGS[kernel][64 if head_dim <= 64 else 128]
 
 
-def _pick_config(kernel: str, key: tuple, head_dim: int, launch, tma_ok: bool = False) -> KernelConfig:
-    if kernel in _forced:
+# The tuner times each config as benchmarks/attention.py times a row: ``do_bench`` with its default 25 ms warm-up
+# and 100 ms of calls, after TUNE_HEAT_MS of the first config. A GPU kept busy lowers its clock to stay within its
+# power limit (an H200 at 700 W ran these kernels at 1.6-1.9 GHz instead of 1.98 GHz), so a config timed in the
+# first milliseconds after idle looks up to 6 % faster than it runs in steady state, and the ranking can change.
+TUNE_HEAT_MS = 150
+
+
+def _pick_config(kernel: str, key: tuple, head_dim: int, launch, tma_ok: bool = False,
+                 configs: list[KernelConfig] | None = None) -> KernelConfig:
+    """The forced config, or the fastest of ``configs`` (default: the candidates) for this key, tuned once."""
+    if kernel in _forced and (configs is None or _forced[kernel] in configs):
         return _forced[kernel]
-    configs = [c for c in candidate_configs(kernel, head_dim) if tma_ok or not c.tma]
+    if configs is None:
+        configs = [c for c in candidate_configs(kernel, head_dim) if tma_ok or not c.tma]
     if len(configs) == 1:
         return configs[0]
     full_key = (kernel,) + key
     if full_key not in _tuned:
         times = []
         for cfg in configs:
+            warmup = 25 if any(math.isfinite(t) for t in times) else TUNE_HEAT_MS
             try:
-                times.append(triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=30, return_mode="median"))
+                times.append(triton.testing.do_bench(lambda: launch(cfg), warmup=warmup, rep=100,
+                                                     return_mode="median"))
             except Exception as err:  # e.g. out of shared memory / resources for this tile shape
                 times.append(math.inf)
                 TUNING_LOG.append({"kernel": kernel, "key": repr(key), "config": repr(cfg), "error": repr(err)})
@@ -489,6 +526,20 @@ def _no_layout(device):
     return _NO_LAYOUT[device]
 
 
+# Bytes of the streamed side (K and V, or Q and dO) that one chunk of heads in ``_tile``'s order may span: well
+# inside the L2 of an H100 (50 MB) or H200 (60 MB). On an H200 at causal N=4k, D=64, a chunk of all 128 heads ran
+# 13 to 16 % slower than chunks of 19 (scratch run, 2026-12-01): the heads' K/V no longer stayed in L2.
+L2_CHUNK_BYTES = 20_000_000
+
+
+def _heads_per_chunk(n_bh: int, streamed_rows: int, head_bytes_per_row: int, ragged: bool) -> int:
+    """Heads per chunk of the tile order: as many as keep their streamed rows within ``L2_CHUNK_BYTES`` when the
+    blocks' work differs (``ragged``: causal, no lower band limit); 1 otherwise (windows, layouts: head by head)."""
+    if not ragged:
+        return 1
+    return max(1, min(n_bh, L2_CHUNK_BYTES // max(1, 2 * streamed_rows * head_bytes_per_row)))
+
+
 def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None):
     """Run the forward kernel; returns ``(o, lse)``.
 
@@ -501,20 +552,23 @@ def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None)
     lse = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
     row_ptr, col_idx = layout if layout is not None else (_no_layout(q.device),) * 2
 
+    chunk = _heads_per_chunk(b * h, n_k, d * k.element_size(), layout is None and band_lo is None)
+
     def launch(cfg):
-        grid = (triton.cdiv(n_q, cfg.block_m), b * h)
+        grid = (triton.cdiv(n_q, cfg.block_m) * b * h,)
         tensors = (q, k, v, o)
         if cfg.tma:
             tensors = tuple(_descriptor(t, rows) for t, rows in zip(tensors, (cfg.block_m, cfg.block_n, cfg.block_n,
                                                                                    cfg.block_m)))
         _attn_fwd[grid](*tensors, lse, row_ptr, col_idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                        h, h // n_kv, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E,
+                        h, h // n_kv, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E, b * h, chunk,
                         HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                         HAS_LO=band_lo is not None, HAS_HI=band_hi is not None, SPARSE=layout is not None,
-                        USE_TMA=cfg.tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                        USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if layout is not None:
-        launch(_sparse_config(block, d))
+        key = (d, str(q.dtype), "layout", block, _pow2(n_q), _pow2(n_k), h // n_kv > 1)
+        launch(_pick_config("fwd", key, d, launch, configs=_sparse_configs("fwd", block, d)))
         return o, lse
     key = (d, str(q.dtype), band_lo is not None, band_hi is not None, _pow2(n_q), _pow2(n_k), h // n_kv > 1)
     tma_ok = _tma_ok(q, k, v, o)
@@ -542,25 +596,18 @@ def _tma_ok(*tensors) -> bool:
                for t in tensors)
 
 
-def _sparse_config(block, head_dim):
-    """Layout tiles are block x block; 128 x 128 tiles at D = 128 fit shared memory only two stages deep."""
-    if interpreting():
-        return KernelConfig(block, block, 4, 1)
-    big = block * head_dim >= 128 * 128
-    return KernelConfig(block, block, 8 if big else 4, 2 if big else 3)
-
-
-def _delta(o, do):
-    b, h, n_q, d = o.shape
-    delta = torch.empty((b, h, n_q), device=o.device, dtype=torch.float32)
-    block = 64 if interpreting() else 128
-    _attn_bwd_delta[(triton.cdiv(n_q, block), b * h)](o, do, delta, *_strides(o), *_strides(do), h, n_q,
-                                                      HEAD_DIM=d, BLOCK_M=block)
-    return delta
+def _sparse_configs(kernel: str, block: int, head_dim: int) -> list[KernelConfig]:
+    """Candidates for a layout of ``block``-token blocks: the dense candidates whose tiles divide the block (a kept
+    128 x 128 block is then walked as, e.g., 64 x 64 tiles), without TMA; one block x block tile if none does."""
+    if interpreting():  # tiles smaller than the block where the tests' blocks allow, to exercise the sub-steps
+        return [KernelConfig(min(block, 16), min(block, 16), 4, 1)]
+    fits = [c for c in candidate_configs(kernel, head_dim)
+            if not c.tma and block % c.block_m == 0 and block % c.block_n == 0]
+    return fits or [KernelConfig(block, block, 4, 3)]
 
 
 def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None, layout_t=None, block=None):
-    """Run the backward kernels (delta, dQ, dK/dV); returns ``(dq, dk, dv)``.
+    """Run the backward kernels (dQ with delta, then dK/dV); returns ``(dq, dk, dv)``.
 
     Block-sparse: ``layout`` is the CSR of the block layout (for dQ) and ``layout_t`` that of its transpose (for
     dK/dV: the query blocks of each key block).
@@ -568,7 +615,7 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
     b, h, n_q, d = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
     group = h // n_kv
-    delta = _delta(o, do)
+    delta = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)  # written by the dQ kernel
     dq = torch.empty((b, h, n_q, d), device=q.device, dtype=q.dtype)
     dk = torch.empty((b, n_kv, n_k, d), device=q.device, dtype=k.dtype)
     dv = torch.empty((b, n_kv, n_k, d), device=q.device, dtype=v.dtype)
@@ -576,16 +623,20 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
     sparse = layout is not None
     row_ptr, col_idx = layout if sparse else (_no_layout(q.device),) * 2
     col_ptr, row_idx = layout_t if sparse else (_no_layout(q.device),) * 2
+    ragged = not sparse and band_lo is None  # causal (or full): the blocks' work differs
+    dq_chunk = _heads_per_chunk(b * h, n_k, d * k.element_size(), ragged)
+    dkdv_chunk = _heads_per_chunk(b * n_kv, n_q * group, d * q.element_size(), ragged)
 
     def launch_dq(cfg):
         kt, vt = k, v
         if cfg.tma:
             kt, vt = _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)
-        _attn_bwd_dq[(triton.cdiv(n_q, cfg.block_m), b * h)](
-            q, kt, vt, do, dq, lse, delta, row_ptr, col_idx, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            *_strides(dq), h, group, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E, scale,
+        _attn_bwd_dq[(triton.cdiv(n_q, cfg.block_m) * b * h,)](
+            q, kt, vt, o, do, dq, lse, delta, row_ptr, col_idx, *_strides(q), *_strides(k), *_strides(v),
+            *_strides(o), *_strides(do), *_strides(dq), h, group, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E,
+            scale, b * h, dq_chunk,
             HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=has_lo, HAS_HI=has_hi, SPARSE=sparse,
-            USE_TMA=cfg.tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     # Seen from the keys: query i may see key j  <=>  -band_hi <= i - j <= -band_lo.
     t_lo = None if band_hi is None else -band_hi
@@ -595,16 +646,17 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
         qt, dot = q, do
         if cfg.tma:
             qt, dot = _descriptor(q, cfg.block_m), _descriptor(do, cfg.block_m)
-        _attn_bwd_dkdv[(triton.cdiv(n_k, cfg.block_n), b * n_kv)](
+        _attn_bwd_dkdv[(triton.cdiv(n_k, cfg.block_n) * b * n_kv,)](
             qt, k, v, dot, dk, dv, lse, delta, col_ptr, row_idx, *_strides(q), *_strides(k), *_strides(v),
             *_strides(do), *_strides(dk), *_strides(dv), h, group, n_q, n_k, t_lo or 0, t_hi or 0, scale * LOG2E,
-            scale, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=t_lo is not None,
-            HAS_HI=t_hi is not None, SPARSE=sparse, USE_TMA=cfg.tma, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+            scale, b * n_kv, dkdv_chunk, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=t_lo is not None,
+            HAS_HI=t_hi is not None, SPARSE=sparse, USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if sparse:
-        launch_dq(_sparse_config(block, d))
-        launch_dkdv(_sparse_config(block, d))
+        key = (d, str(q.dtype), "layout", block, _pow2(n_q), _pow2(n_k), group > 1)
+        launch_dq(_pick_config("dq", key, d, launch_dq, configs=_sparse_configs("dq", block, d)))
+        launch_dkdv(_pick_config("dkdv", key, d, launch_dkdv, configs=_sparse_configs("dkdv", block, d)))
         return dq, dk, dv
     tma_ok = _tma_ok(q, k, v, do)
     key = (d, str(q.dtype), has_lo, has_hi, _pow2(n_q), _pow2(n_k), group > 1, tma_ok)
