@@ -165,7 +165,7 @@ def test_printed_complexity_benchmark_api():
 
 
 def test_gpu_monitor_reads_the_clock_from_nvidia_smi(tmp_path, monkeypatch):
-    """A stand-in nvidia-smi prints three samples (one unreadable); the median over the interval is the middle one."""
+    """A stand-in nvidia-smi prints three clock samples and one unreadable line; the median is the middle sample."""
     import time
 
     from dldna.bench import GpuMonitor
