@@ -1,9 +1,9 @@
 """Arithmetic-expression data for the small decoder chapters: a safe evaluator, generators, a split, a tokenizer.
 
 The printed book labelled its generated expressions with Python's ``eval`` builtin and measured accuracy on
-samples drawn from the training data. Here labels come from :func:`safe_eval` (an AST walker that accepts integer arithmetic and
-nothing else), and :func:`arithmetic_dataset` splits *distinct expression strings* into train / validation /
-test, so no test expression is ever seen in training.
+samples drawn from the training data. Here labels come from :func:`safe_eval` (an AST walker that accepts integer
+arithmetic and nothing else), and :func:`arithmetic_dataset` splits *distinct expression strings* into train /
+validation / test, so no test expression is ever seen in training.
 
 Text format of one example (the printed one): ``"12+7*3=33<eos>"``. With ``reverse_answer=True`` the answer's
 digits are written least-significant first (``"9*12=108<eos>"`` -> ``"9*12=801<eos>"``), the order in which
@@ -520,7 +520,8 @@ def sample_problem_tensors(
     pattern, c, op2 = torch.where(two, pattern, zero), torch.where(two, c, zero), torch.where(two, op2, zero)
     left = _apply(_apply(a, op1, b), op2, c)  # (a op1 b) op2 c
     right = _apply(a, op1, _apply(b, op2, c))  # a op1 (b op2 c)
-    right_first = (pattern == 2) | ((pattern == 0) & (op2 == 2) & (op1 != 2))  # '*' binds tighter; else left to right
+    # the right pair goes first when parenthesised, or when '*' binds tighter; otherwise left to right
+    right_first = (pattern == 2) | ((pattern == 0) & (op2 == 2) & (op1 != 2))
     value = torch.where(right_first, right, left)
     value = torch.where(two, value, _apply(a, op1, b))
     inner = torch.where(right_first, _apply(b, op2, c), _apply(a, op1, b))  # the operation done first
