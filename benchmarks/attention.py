@@ -129,14 +129,8 @@ def compile_ours(mask, d):
 
     q, k, v = (torch.randn(1, 4, 1024, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     window = WINDOW if mask == "window" else None
-    for kernel in ("fwd", "dq", "dkdv"):
-        for cfg in ft.candidate_configs(kernel, d):
-            for other in ("fwd", "dq", "dkdv"):
-                ft.force_config(other, ft.candidate_configs(other, d)[0])
-            ft.force_config(kernel, cfg)
-            flash_attention(q, k, v, causal=True, window=window).sum().backward()
-    for kernel in ("fwd", "dq", "dkdv"):
-        ft.force_config(kernel, None)
+    for _ in ft.each_config(lambda kernel: ft.candidate_configs(kernel, d)):
+        flash_attention(q, k, v, causal=True, window=window).sum().backward()
 
 
 def compile_peers(case):

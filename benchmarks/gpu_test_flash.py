@@ -145,16 +145,11 @@ def run_group(group) -> list[dict]:
         n = 70 if SMOKE else 2100
         shape = (1, 4, 2, n, n, d)
         mask = _token_mask(n, n, causal, window, DEVICE)
-        for kernel in ("fwd", "dq", "dkdv"):
-            for cfg in ft.candidate_configs(kernel, d):
-                for other in ("fwd", "dq", "dkdv"):
-                    ft.force_config(other, ft.candidate_configs(other, d)[0])
-                ft.force_config(kernel, cfg)
+        for kernel, cfg in ft.each_config(lambda kernel: ft.candidate_configs(kernel, d)):
+            def fn(q, k, v):
+                return flash_attention(q, k, v, causal=causal, window=window, return_lse=True, backend="triton")
 
-                def fn(q, k, v):
-                    return flash_attention(q, k, v, causal=causal, window=window, return_lse=True, backend="triton")
-
-                record(f"{mask_name} {kernel}={cfg}", "bfloat16", fn, shape, mask, seed=hash(cfg) % 1000)
+            record(f"{mask_name} {kernel}={cfg}", "bfloat16", fn, shape, mask, seed=hash(cfg) % 1000)
     else:
         from dldna.attention.masks import bigbird_block_layout, longformer_block_layout, strided_block_layout
         from dldna.kernels.flash_attention import block_mask_from_layout
@@ -178,19 +173,12 @@ def run_group(group) -> list[dict]:
             # every candidate config of each kernel once, on the BigBird layout (tiles that divide the block)
             name, layout = "bigbird", layouts["bigbird"]
             mask = block_mask_from_layout(layout.to(DEVICE), block, n, n)
-            for kernel in ("fwd", "dq", "dkdv"):
-                for cfg in ft._sparse_configs(kernel, block, d):
-                    for other in ("fwd", "dq", "dkdv"):
-                        ft.force_config(other, ft._sparse_configs(other, block, d)[0])
-                    ft.force_config(kernel, cfg)
+            for kernel, cfg in ft.each_config(lambda kernel: ft.layout_candidate_configs(kernel, block, d)):
+                def fn(q, k, v, layout=layout, block=block):
+                    return block_sparse_flash_attention(q, k, v, layout, block, return_lse=True, backend="triton")
 
-                    def fn(q, k, v, layout=layout, block=block):
-                        return block_sparse_flash_attention(q, k, v, layout, block, return_lse=True, backend="triton")
-
-                    record(f"sparse {name} block={block} {kernel}={cfg}", dtype_name, fn, (2, 4, 2, n, n, d), mask,
-                           seed=block + d + 1)
-            for kernel in ("fwd", "dq", "dkdv"):
-                ft.force_config(kernel, None)
+                record(f"sparse {name} block={block} {kernel}={cfg}", dtype_name, fn, (2, 4, 2, n, n, d), mask,
+                       seed=block + d + 1)
     return rows
 
 

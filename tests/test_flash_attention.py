@@ -216,6 +216,17 @@ def test_triton_kernels_through_tensor_descriptors(tma_kernels):
             ft.force_config(kernel, None)
 
 
+def test_each_config_forces_one_kernel_at_a_time_and_restores_tuning():
+    _, ft = _triton_kernels()
+    a, b = ft.KernelConfig(16, 16, 4, 1), ft.KernelConfig(32, 32, 4, 1)
+    seen = []
+    for kernel, cfg in ft.each_config(lambda kernel: [a, b] if kernel == "dq" else [a]):
+        seen.append((kernel, cfg, dict(ft._forced)))
+    assert [(k, c) for k, c, _ in seen] == [("fwd", a), ("dq", a), ("dq", b), ("dkdv", a)]
+    assert seen[2][2] == {"fwd": a, "dq": b, "dkdv": a}  # the others stay on their first config
+    assert ft._forced == {}
+
+
 @pytest.mark.parametrize("chunk_bytes", [26_880, 53_760])
 def test_triton_tile_order_in_chunks_of_heads(chunk_bytes, monkeypatch):
     """Causal programs run heads in chunks (``_tile``): every tile exactly once, also when the last chunk is short.

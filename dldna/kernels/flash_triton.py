@@ -464,6 +464,22 @@ def force_config(kernel: str, config: KernelConfig | None) -> None:
         _forced[kernel] = config
 
 
+def each_config(configs_of):
+    """Yield ``(kernel, config)`` for every config ``configs_of(kernel)`` lists, for each of the three kernels, with
+    that config forced and the other two kernels forced to their first config (so nothing is tuned meanwhile).
+    Tuning is restored when the loop ends. For sweeps: ``each_config(lambda k: candidate_configs(k, 64))``."""
+    try:
+        for kernel in _GPU_CONFIGS:
+            for config in configs_of(kernel):
+                for other in _GPU_CONFIGS:
+                    force_config(other, configs_of(other)[0])
+                force_config(kernel, config)
+                yield kernel, config
+    finally:
+        for kernel in _GPU_CONFIGS:
+            force_config(kernel, None)
+
+
 def candidate_configs(kernel: str, head_dim: int) -> list[KernelConfig]:
     """The configs the tuner tries for ``kernel`` at ``head_dim`` (one fixed config under the interpreter)."""
     if interpreting():
@@ -568,7 +584,7 @@ def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None)
 
     if layout is not None:
         key = (d, str(q.dtype), "layout", block, _pow2(n_q), _pow2(n_k), h // n_kv > 1)
-        launch(_pick_config("fwd", key, d, launch, configs=_sparse_configs("fwd", block, d)))
+        launch(_pick_config("fwd", key, d, launch, configs=layout_candidate_configs("fwd", block, d)))
         return o, lse
     key = (d, str(q.dtype), band_lo is not None, band_hi is not None, _pow2(n_q), _pow2(n_k), h // n_kv > 1)
     tma_ok = _tma_ok(q, k, v, o)
@@ -596,7 +612,7 @@ def _tma_ok(*tensors) -> bool:
                for t in tensors)
 
 
-def _sparse_configs(kernel: str, block: int, head_dim: int) -> list[KernelConfig]:
+def layout_candidate_configs(kernel: str, block: int, head_dim: int) -> list[KernelConfig]:
     """Candidates for a layout of ``block``-token blocks: the dense candidates whose tiles divide the block (a kept
     128 x 128 block is then walked as, e.g., 64 x 64 tiles), without TMA; one block x block tile if none does."""
     if interpreting():  # tiles smaller than the block where the tests' blocks allow, to exercise the sub-steps
@@ -655,8 +671,8 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
 
     if sparse:
         key = (d, str(q.dtype), "layout", block, _pow2(n_q), _pow2(n_k), group > 1)
-        launch_dq(_pick_config("dq", key, d, launch_dq, configs=_sparse_configs("dq", block, d)))
-        launch_dkdv(_pick_config("dkdv", key, d, launch_dkdv, configs=_sparse_configs("dkdv", block, d)))
+        launch_dq(_pick_config("dq", key, d, launch_dq, configs=layout_candidate_configs("dq", block, d)))
+        launch_dkdv(_pick_config("dkdv", key, d, launch_dkdv, configs=layout_candidate_configs("dkdv", block, d)))
         return dq, dk, dv
     tma_ok = _tma_ok(q, k, v, do)
     key = (d, str(q.dtype), has_lo, has_hi, _pow2(n_q), _pow2(n_k), group > 1, tma_ok)
