@@ -332,6 +332,67 @@ def test_peer_speedups_and_kernel_times_read_the_stored_fields():
     assert kernel_times(record, "causal", 128, 4096) == {}
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_backward_gets_no_zero_gradient_for_the_unused_lse(sparse, monkeypatch):
+    """The log-sum-exp output is not differentiable; autograd must not materialise a zero gradient for it (on the
+    GPU that was one extra fill kernel per backward, seen in the Nsight Compute profile)."""
+    _triton_kernels()
+    from dldna.kernels import block_sparse_flash_attention, flash_attention
+    module = importlib.import_module("dldna.kernels.flash_attention")  # the package re-exports the function
+    function = module._BlockSparseFlashAttention if sparse else module._FlashAttention
+    backward, seen = function.backward, []
+
+    def spy(ctx, grad_out, grad_lse):
+        seen.append(grad_lse)
+        return backward(ctx, grad_out, grad_lse)
+
+    monkeypatch.setattr(function, "backward", staticmethod(spy))
+    q, k, v = (torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(3))
+    if sparse:
+        out = block_sparse_flash_attention(q, k, v, torch.ones(2, 2, dtype=torch.bool).tril(), 16, backend="triton")
+    else:
+        out = flash_attention(q, k, v, causal=True, backend="triton")
+    out.backward(torch.ones_like(out))
+    assert seen == [None]
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_ncu_table_lists_kernels_with_their_top_stalls():
+    from dldna.kernels.report import ncu_table
+
+    stall = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio".format
+    metrics = {"gpu__time_duration.sum": 2.5e6, "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active": 54.2,
+               "launch__registers_per_thread": 211.0, stall("barrier"): 2.7, stall("wait"): 1.3,
+               stall("selected"): 1.0, stall("mio_throttle"): 1.1, stall("gmma"): 0.1}
+    record = {"data": {"runs": [{"mask": "causal", "pass": "fwd", "head_dim": 128, "n": 16384, "kernels": [
+        {"kernel": "_attn_fwd", "metrics": metrics},
+        {"kernel": "void at::vectorized_elementwise_kernel<4>(int)", "metrics": {"gpu__time_duration.sum": 2e3}},
+        {"kernel": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma", "metrics": dict(metrics)}]}]}}
+    lines = ncu_table(record).splitlines()
+    assert len(lines) == 3  # header, and the two kernels over 0.1 ms
+    assert lines[1].split()[:8] == ["causal", "fwd", "D=128", "16k", "_attn_fwd", "2.50", "54", "-"]
+    assert lines[1].endswith("barrier 2.7, wait 1.3, mio_throttle 1.1")  # "selected" is issuing, not a stall
+    assert "cuDNN fprop" in lines[2]
+
+
+def test_tuned_configs_parse_the_stored_winners():
+    """The stored run's picks come back as KernelConfig fields; a repr of another form is an error, not a default."""
+    from dldna.kernels.report import tuned_configs
+    from dldna.results import load_result
+
+    picked = tuned_configs(load_result("flash_attention_bench"), "causal", 128, 16384)
+    assert sorted(picked) == ["dkdv", "dq", "fwd"]
+    for kernel, fields in picked.items():
+        rebuilt = "KernelConfig(" + ", ".join(f"{name}={value}" for name, value in fields.items()) + ")"
+        stored = [e["best"] for e in load_result("flash_attention_bench")["data"]["tuning"]
+                  if e.get("kernel") == kernel and e["key"].startswith("(128, 'torch.bfloat16', False, True, 16384,")]
+        assert stored == [rebuilt]
+    record = {"data": {"tuning": [{"kernel": "fwd", "key": "(64, 'torch.bfloat16', False, True, 1024, 1024, False)",
+                                   "times_ms": {"a": 1.0}, "best": "Config(64, 64)"}]}}
+    with pytest.raises(ValueError, match="unrecognised config"):
+        tuned_configs(record, "causal", 64, 1024)
+
+
 def test_package_works_without_triton():
     """``import dldna.kernels`` and ``flash_attention`` must work where triton is not installed (tiled fallback)."""
     import subprocess

@@ -85,6 +85,7 @@ class _FlashAttention(torch.autograd.Function):
         ctx.band = (band_lo, band_hi)
         ctx.scale = scale
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the unused lse (a kernel per call)
         return out, lse
 
     @staticmethod
@@ -177,6 +178,7 @@ class _BlockSparseFlashAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, layout)
         ctx.block_size, ctx.scale = block_size, scale
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the unused lse (a kernel per call)
         return out, lse
 
     @staticmethod

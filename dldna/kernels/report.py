@@ -5,6 +5,8 @@ Each function takes a record as written by ``dldna.results.save_result`` and ret
 """
 from __future__ import annotations
 
+import re
+
 import matplotlib.pyplot as plt
 
 IMPLS = ("dldna", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex")
@@ -61,11 +63,9 @@ def peer_speedups(record: dict) -> str:
     return "\n".join(lines)
 
 
-def kernel_times(record: dict, mask: str, head_dim: int, n: int) -> dict[str, float]:
-    """The tuned (fastest) time in ms of each of dldna's kernels (``fwd``, ``dq``, ``dkdv``) for one benchmark
-    case, read off the autotuner's log stored with the run (the backward is the ``dq`` plus the ``dkdv`` kernel)."""
+def _tuning_entries(record: dict, mask: str, head_dim: int, n: int):
+    """The autotuner's log entries (one per kernel) of one dense benchmark case stored with the run."""
     causal = mask != "full"
-    times = {}
     for entry in record["data"].get("tuning", []):
         if "times_ms" not in entry:
             continue
@@ -73,8 +73,32 @@ def kernel_times(record: dict, mask: str, head_dim: int, n: int) -> dict[str, fl
         # key: head_dim, dtype, window?, causal, Nq, Nk, ... (see flash_triton's launchers)
         if int(key[0]) == head_dim and key[2] == str(mask == "window") and key[3] == str(causal) \
                 and int(key[4]) == n and int(key[5]) == n:
-            times[entry["kernel"]] = min(entry["times_ms"].values())
-    return times
+            yield entry
+
+
+def kernel_times(record: dict, mask: str, head_dim: int, n: int) -> dict[str, float]:
+    """The tuned (fastest) time in ms of each of dldna's kernels (``fwd``, ``dq``, ``dkdv``) for one benchmark
+    case, read off the autotuner's log stored with the run (the backward is the ``dq`` plus the ``dkdv`` kernel)."""
+    return {e["kernel"]: min(e["times_ms"].values()) for e in _tuning_entries(record, mask, head_dim, n)}
+
+
+_CONFIG_REPR = re.compile(r"KernelConfig\(block_m=(\d+), block_n=(\d+), num_warps=(\d+), num_stages=(\d+), "
+                          r"tma=(True|False)\)")
+
+
+def tuned_configs(record: dict, mask: str, head_dim: int, n: int) -> dict[str, dict]:
+    """The config the tuner picked for each kernel of one benchmark case, as ``KernelConfig`` keyword arguments
+    (parsed from the repr the log stores), e.g. to force the same kernels elsewhere:
+    ``force_config(kernel, KernelConfig(**fields))``."""
+    picked = {}
+    for entry in _tuning_entries(record, mask, head_dim, n):
+        match = _CONFIG_REPR.fullmatch(entry["best"])
+        if match is None:
+            raise ValueError(f"unrecognised config in the tuning log: {entry['best']!r}")
+        m, bn, warps, stages, tma = match.groups()
+        picked[entry["kernel"]] = {"block_m": int(m), "block_n": int(bn), "num_warps": int(warps),
+                                   "num_stages": int(stages), "tma": tma == "True"}
+    return picked
 
 
 def plot_benchmark(record: dict, passes=("fwd", "fwd+bwd")):
@@ -131,4 +155,49 @@ def compile_report_table(record: dict) -> str:
                      f"{values['block_n']:>4} {values['num_warps']:>5} {values['num_stages']:>6} "
                      f"{'yes' if values.get('tma') == 'True' else 'no':>4} {r['registers']:>5} "
                      f"{r['spill_store_bytes']:>8} {r['shared_bytes'] / 1024:>9.0f} {r['wgmma']:>6}")
+    return "\n".join(lines)
+
+
+_NCU_COLUMNS = (  # (header, raw metric, format)
+    ("ms", "gpu__time_duration.sum", lambda v: f"{v / 1e6:.2f}"),
+    ("tensor%", "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active", lambda v: f"{v:.0f}"),
+    ("exp2%", "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active", lambda v: f"{v:.0f}"),
+    ("fma%", "sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active", lambda v: f"{v:.0f}"),
+    ("L2%", "lts__throughput.avg.pct_of_peak_sustained_elapsed", lambda v: f"{v:.0f}"),
+    ("regs", "launch__registers_per_thread", lambda v: f"{v:.0f}"),
+    ("warps%", "sm__warps_active.avg.pct_of_peak_sustained_active", lambda v: f"{v:.0f}"),
+)
+_STALL = "smsp__average_warps_issue_stalled_"
+
+
+def _kernel_label(name: str) -> str:
+    """A short name for a profiled kernel (cuDNN's and Flex's generated names run to a hundred characters)."""
+    if name.startswith("cudnn_generated"):
+        return "cuDNN " + ("fprop" if "fprop" in name else "bprop" if "bprop" in name else name[16:30])
+    if "flex_attention" in name:
+        return "Flex"
+    return name.replace("void ", "").replace("cudnn::", "cuDNN ").split("(")[0].split("<")[0][:22]
+
+
+def ncu_table(record: dict, top_stalls: int = 3) -> str:
+    """One line per profiled kernel of ``benchmarks/flash_ncu.py``'s record: duration, how busy the tensor cores,
+    the exp2 (XU) and FMA pipes and L2 were, registers, active warps (of the SM's 64), and the warp stalls that cost
+    the most cycles per issued instruction. Kernels under 0.1 ms are left out."""
+    head = (f"{'case':24} {'kernel':22}" + "".join(f"{h:>8}" for h, _, _ in _NCU_COLUMNS)
+            + "  top stalls (cycles/instr)")
+    lines = [head]
+    for run in record["data"]["runs"]:
+        case = f"{run['mask']} {run['pass']} D={run['head_dim']} {run['n'] // 1024}k"
+        for kernel in run["kernels"]:
+            m = kernel["metrics"]
+            if m.get("gpu__time_duration.sum", 0) < 1e5:
+                continue
+            cells = "".join(f"{fmt(m[key]) if isinstance(m.get(key), float) else '-':>8}"
+                            for _, key, fmt in _NCU_COLUMNS)
+            stalls = sorted(((v, k[len(_STALL):].replace("_per_issue_active.ratio", "")) for k, v in m.items()
+                             if k.startswith(_STALL) and isinstance(v, float)
+                             and not k.startswith(_STALL + "selected")),  # "selected": issuing, not stalled
+                            reverse=True)[:top_stalls]
+            lines.append(f"{case:24} {_kernel_label(kernel['kernel']):22}{cells}  "
+                         + ", ".join(f"{name} {v:.1f}" for v, name in stalls))
     return "\n".join(lines)
