@@ -10,9 +10,10 @@ The peers are cuDNN (causal) and FlexAttention (window), the fastest peer of eac
     python benchmarks/flash_ncu.py profile --out-dir /tmp/ncu        # on the GPU: one raw CSV per run
     python benchmarks/flash_ncu.py summarize /tmp/ncu --out-dir results  # -> results/flash_ncu.json
 
-The summary keeps, per kernel, the metrics that answer "what limits it": duration, SM / tensor-pipe / L2 / DRAM
-throughput, registers, occupancy and the warp-stall reasons. ncu replays each kernel many times and serialises
-the launch, so its durations are for comparison within this file, not against ``do_bench``.
+The summary keeps, per kernel, the metrics that answer "what limits it": duration and clock, SM / tensor-pipe /
+exp2 (XU) / FMA / L2 throughput, registers, occupancy and the warp-stall reasons. ncu holds the SM clock at its base
+rate and replays each kernel many times, so its durations are for comparison within this file, not against
+``do_bench``. ``dldna.kernels.report.ncu_table`` prints the summary (chapter 5).
 """
 from __future__ import annotations
 
@@ -107,8 +108,7 @@ def _raw_rows(text: str) -> list[dict[str, str]]:
     lines = [line for line in text.splitlines() if line.startswith('"')]
     if len(lines) < 3:
         return []
-    rows = list(csv.DictReader(io.StringIO("\n".join([lines[0]] + lines[2:]))))
-    return rows
+    return list(csv.DictReader(io.StringIO("\n".join([lines[0]] + lines[2:]))))
 
 
 def _number(value: str):
@@ -119,6 +119,7 @@ def _number(value: str):
 
 
 def summarize(csv_dir: Path, out_dir: Path | None) -> Path:
+    """The ``KEEP`` metrics of every profiled kernel, per run, saved with provenance as ``flash_ncu.json``."""
     from dldna.results import save_result
 
     runs = []
