@@ -114,8 +114,7 @@ def run_group(group) -> list[dict]:
 
     kind, a, b_ = group
     rows = []
-    for kernel in ("fwd", "dq", "dkdv"):  # a worker process may have run another group before: tune afresh
-        ft.force_config(kernel, None)
+    ft.restore_tuning()  # a worker process may have run another group before: tune afresh
 
     def record(name, dtype_name, fn, shape, mask, seed):
         t0 = time.time()

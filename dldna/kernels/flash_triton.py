@@ -159,14 +159,12 @@ def _attn_fwd(Q, K, V, O, LSE, ROW_PTR, COL_IDX,
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    if USE_TMA:
-        q = Q.load([b32, h32, start_m, 0]).reshape([BLOCK_M, HEAD_DIM])
-    else:
+    if not USE_TMA:
         Q += b * stride_qb + h * stride_qh
         K += b * stride_kb + hk * stride_kh
         V += b * stride_vb + hk * stride_vh
         O += b * stride_ob + h * stride_oh
-        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < n_q, other=0.0)
+    q = _load_rows(Q, b32, h32, start_m, n_q, stride_qn, offs_d, BLOCK_M, True, USE_TMA)
     # A finite floor instead of -inf keeps exp2(m_old - m_new) defined for rows that have seen no key yet.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -261,10 +259,10 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m[:, None] < n_q
-    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :], mask=rows, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :], mask=rows, other=0.0)
+    q = _load_rows(Q, 0, 0, start_m, n_q, stride_qn, offs_d, BLOCK_M, True, False)
+    do = _load_rows(DO, 0, 0, start_m, n_q, stride_don, offs_d, BLOCK_M, True, False)
     lse2 = _load_lse2(LSE, offs_m, n_q)
-    o = tl.load(O + offs_m[:, None] * stride_on + offs_d[None, :], mask=rows, other=0.0)
+    o = _load_rows(O, 0, 0, start_m, n_q, stride_on, offs_d, BLOCK_M, True, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + offs_m, delta, mask=offs_m < n_q)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -349,8 +347,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     cols = offs_n[:, None] < n_k
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=cols, other=0.0)
-    v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=cols, other=0.0)
+    k = _load_rows(K, 0, 0, start_n, n_k, stride_kn, offs_d, BLOCK_N, True, False)
+    v = _load_rows(V, 0, 0, start_n, n_k, stride_vn, offs_d, BLOCK_N, True, False)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     steps: tl.constexpr = LAYOUT_BLOCK // BLOCK_M  # SPARSE: loop steps per kept layout block
@@ -476,8 +474,13 @@ def each_config(configs_of):
                 force_config(kernel, config)
                 yield kernel, config
     finally:
-        for kernel in _GPU_CONFIGS:
-            force_config(kernel, None)
+        restore_tuning()
+
+
+def restore_tuning() -> None:
+    """Undo every ``force_config``: each kernel is tuned again."""
+    for kernel in _GPU_CONFIGS:
+        force_config(kernel, None)
 
 
 def candidate_configs(kernel: str, head_dim: int) -> list[KernelConfig]:
