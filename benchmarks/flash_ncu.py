@@ -59,13 +59,11 @@ def run_case(mask: str, d: int, n: int, pass_name: str, impl: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from attention import _inputs, make_fns
 
-    if impl == "dldna":  # the configs the stored benchmark run picked, instead of tuning (and compiling) them all
-        from dldna.kernels import flash_triton as ft
-        from dldna.kernels.report import tuned_configs
+    if impl == "dldna":
+        from dldna.kernels.report import force_tuned_configs
         from dldna.results import load_result
 
-        for kernel, fields in tuned_configs(load_result("flash_attention_bench"), mask, d, n).items():
-            ft.force_config(kernel, ft.KernelConfig(**fields))
+        force_tuned_configs(load_result("flash_attention_bench"), mask, d, n)
     q, k, v = _inputs(d, n, seed=n + d)
     fn = make_fns(mask, d, n, q, k, v)[impl]
     grad = torch.randn_like(q)

@@ -393,6 +393,21 @@ def test_tuned_configs_parse_the_stored_winners():
         tuned_configs(record, "causal", 64, 1024)
 
 
+def test_force_tuned_configs_forces_the_stored_picks_until_restore_tuning():
+    _, ft = _triton_kernels()
+    from dldna.kernels.report import force_tuned_configs, tuned_configs
+    from dldna.results import load_result
+
+    record = load_result("flash_attention_bench")
+    try:
+        force_tuned_configs(record, "window", 64, 4096)
+        assert ft._forced == {kernel: ft.KernelConfig(**fields)
+                              for kernel, fields in tuned_configs(record, "window", 64, 4096).items()}
+    finally:
+        ft.restore_tuning()
+    assert ft._forced == {}
+
+
 def test_package_works_without_triton():
     """``import dldna.kernels`` and ``flash_attention`` must work where triton is not installed (tiled fallback)."""
     import subprocess

@@ -1,39 +1,28 @@
 """Scratch: split vs fused backward on the target shapes (H200). Split configs forced to the stored winners."""
-import json, re, sys, time, os, multiprocessing as mp
+import sys, time, os, multiprocessing as mp
 import torch
 sys.path.insert(0, os.getcwd())
 from benchmarks.attention import problem, WINDOW
 
 CASES = [("causal", 128, 16384), ("causal", 64, 4096), ("window", 64, 4096), ("window", 64, 16384),
          ("window", 128, 16384), ("window", 128, 65536), ("causal", 64, 16384)]
-STORED = json.load(open("results/flash_attention_bench.json"))["data"]["tuning"]
-
-def parse(s):
-    m = re.match(r"KernelConfig\(block_m=(\d+), block_n=(\d+), num_warps=(\d+), num_stages=(\d+), tma=(\w+)\)", s)
-    from dldna.kernels.flash_triton import KernelConfig
-    return KernelConfig(int(m[1]), int(m[2]), int(m[3]), int(m[4]), m[5] == "True")
-
-def winners(mask, d, n):
-    key = repr((d, 'torch.bfloat16', mask == "window", True, n, n, False, True))
-    out = {}
-    for t in STORED:
-        if t.get("key") == key and "best" in t:
-            out[t["kernel"]] = parse(t["best"])
-    return out
+def force_winners(mask, d, n):
+    """Force the split path's kernels to the configs the stored benchmark run picked for this case."""
+    from dldna.kernels.report import force_tuned_configs
+    from dldna.results import load_result
+    force_tuned_configs(load_result("flash_attention_bench"), mask, d, n)
 
 def case_setup(mask, d, n):
     """Seeded bf16 q, k, v and output gradient for one benchmark case, its window, and a fwd+bwd closure; the
     split path's kernels forced to the configs that won in the stored benchmark run."""
     from dldna.kernels import flash_attention
-    from dldna.kernels import flash_triton as ft
     b, h = problem(n, d)
     gen = torch.Generator(device="cuda").manual_seed(n + d)
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
                for _ in range(3))
     g = torch.randn_like(q)
     window = WINDOW if mask == "window" else None
-    for kern, cfg in winners(mask, d, n).items():
-        ft.force_config(kern, cfg)
+    force_winners(mask, d, n)
 
     def run():
         q.grad = k.grad = v.grad = None
@@ -64,9 +53,7 @@ def compile_class(args):
     window = WINDOW if mask == "window" else None
     ns = sorted({n for m, dd, n in CASES if m == mask and dd == d})
     for n in ns:
-        w = winners(mask, d, n)
-        for kern, cfg in w.items():
-            ft.force_config(kern, cfg)
+        force_winners(mask, d, n)
         ft.force_backward("split")
         flash_attention(q, k, v, causal=True, window=window).sum().backward()
     ft.force_backward("fused")

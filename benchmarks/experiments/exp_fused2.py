@@ -4,7 +4,7 @@ import torch
 sys.path.insert(0, os.getcwd())
 from benchmarks.attention import WINDOW
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from exp_fused import winners, case_setup
+from exp_fused import force_winners, case_setup
 
 CASES = [("window", 64, 4096), ("window", 128, 16384), ("causal", 128, 16384), ("causal", 64, 4096)]
 VARIANTS = (1, 2, 3)
@@ -21,8 +21,7 @@ def compile_class(args):
     q, k, v = (torch.randn(1, 4, 1024, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     window = WINDOW if mask == "window" else None
     n = [n for m, dd, n in CASES if m == mask and dd == d][0]
-    for kern, cfg in winners(mask, d, n).items():
-        ft.force_config(kern, cfg)
+    force_winners(mask, d, n)
     ft.force_backward("fused")
     errs = []
     for cfg in fused_cfgs(d):

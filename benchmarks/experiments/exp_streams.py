@@ -4,7 +4,7 @@ import torch
 sys.path.insert(0, os.getcwd())
 from benchmarks.attention import WINDOW
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from exp_fused import winners, case_setup, CASES
+from exp_fused import force_winners, case_setup, CASES
 
 def compile_class(args):
     mask, d = args
@@ -14,8 +14,7 @@ def compile_class(args):
     q, k, v = (torch.randn(1, 4, 1024, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     window = WINDOW if mask == "window" else None
     for n in sorted({n for m, dd, n in CASES if m == mask and dd == d}):
-        for kern, cfg in winners(mask, d, n).items():
-            ft.force_config(kern, cfg)
+        force_winners(mask, d, n)
         ft.force_backward("split")
         flash_attention(q, k, v, causal=True, window=window).sum().backward()
     torch.cuda.synchronize()

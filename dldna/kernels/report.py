@@ -101,6 +101,15 @@ def tuned_configs(record: dict, mask: str, head_dim: int, n: int) -> dict[str, d
     return picked
 
 
+def force_tuned_configs(record: dict, mask: str, head_dim: int, n: int) -> None:
+    """Force each of dldna's kernels to the config the stored run picked for this case (``tuned_configs``), so a
+    later script runs the benchmark's kernels without tuning (and compiling) every candidate. Needs triton."""
+    from dldna.kernels import flash_triton
+
+    for kernel, fields in tuned_configs(record, mask, head_dim, n).items():
+        flash_triton.force_config(kernel, flash_triton.KernelConfig(**fields))
+
+
 def plot_benchmark(record: dict, passes=("fwd", "fwd+bwd")):
     """TFLOP/s against N: one panel per (mask, head_dim), one line per implementation, solid fwd / dashed fwd+bwd."""
     rows = [r for r in record["data"]["rows"] if "tflops" in r and r["mask"] in ("causal", "window")]
