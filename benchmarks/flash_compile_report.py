@@ -23,7 +23,7 @@ from triton.compiler import ASTSource
 from dldna.kernels import flash_triton as ft
 
 DIV16 = [["tt.divisibility", 16]]
-POINTERS = {"Q", "K", "V", "O", "LSE", "DO", "DQ", "DK", "DV", "DELTA", "ROW_PTR", "COL_IDX", "COL_PTR", "ROW_IDX"}
+POINTERS = {"Q", "K", "V", "O", "LSE", "DO", "DQ", "DK", "DV", "DELTA", "ROW_SPAN", "COL_IDX", "COL_SPAN", "ROW_IDX"}
 
 
 def _signature(fn, dtype: str, constexprs: dict, ints_not_div16: set[str], floats: set[str]):
@@ -34,7 +34,8 @@ def _signature(fn, dtype: str, constexprs: dict, ints_not_div16: set[str], float
         elif name in floats:
             sig[name] = "fp32"
         elif name in POINTERS:
-            sig[name] = "*fp32" if name in ("LSE", "DELTA") else ("*i32" if "PTR" in name or "IDX" in name else f"*{dtype}")
+            index = "SPAN" in name or "IDX" in name
+            sig[name] = "*fp32" if name in ("LSE", "DELTA") else ("*i32" if index else f"*{dtype}")
             attrs[(i,)] = DIV16
         else:
             sig[name] = "i32"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -162,13 +163,14 @@ def run_group(group) -> list[dict]:
                 "strided": strided_block_layout(nb, 3),
             }
             n = nb * block - block // 3  # ragged last block
-            for name, layout in layouts.items():
-                mask = block_mask_from_layout(layout.to(DEVICE), block, n, n)
+            for (name, layout), length in itertools.product(layouts.items(), (n, nb * block)):  # ragged, whole blocks
+                mask = block_mask_from_layout(layout.to(DEVICE), block, length, length)
 
                 def fn(q, k, v, layout=layout, block=block):
                     return block_sparse_flash_attention(q, k, v, layout, block, return_lse=True, backend="triton")
 
-                record(f"sparse {name} block={block}", dtype_name, fn, (2, 4, 2, n, n, d), mask, seed=block + d)
+                record(f"sparse {name} block={block} n={length}", dtype_name, fn, (2, 4, 2, length, length, d), mask,
+                       seed=block + d + length)
             # every candidate config of each kernel once, on the BigBird layout (tiles that divide the block)
             name, layout = "bigbird", layouts["bigbird"]
             mask = block_mask_from_layout(layout.to(DEVICE), block, n, n)

@@ -19,7 +19,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 from dldna.attention.reference import attention  # noqa: E402
 from dldna.kernels import flash_attention, block_sparse_flash_attention, online_softmax  # noqa: E402
-from dldna.kernels.flash_attention import block_mask_from_layout  # noqa: E402
+from dldna.kernels.flash_attention import block_mask_from_layout, cached_layout_spans, layout_spans  # noqa: E402
 from dldna.kernels.tiled import (  # noqa: E402
     IOCounter,
     band_limits,
@@ -244,11 +244,45 @@ def test_triton_tile_order_in_chunks_of_heads(chunk_bytes, monkeypatch):
     _check_against_reference(fn, q, k, v, grad, _mask(70, 70, True, None), BOUNDS[torch.float32])
 
 
+def test_layout_spans_list_each_rows_kept_columns_in_order():
+    gen = torch.Generator().manual_seed(3)
+    layout = torch.rand(5, 7, generator=gen) < 0.4
+    layout[0] = False  # nothing kept
+    layout[1] = True  # everything kept
+    spans, cols = layout_spans(layout)
+    assert spans.dtype == cols.dtype == torch.int32 and spans.shape == (10,) and cols.shape == (35,)
+    for r in range(5):
+        begin, end = spans[2 * r].item(), spans[2 * r + 1].item()
+        assert begin == 7 * r
+        assert cols[begin:end].tolist() == layout[r].nonzero().flatten().tolist()
+
+
+def test_layout_spans_are_cached_per_layout_until_it_changes_or_dies():
+    import gc
+
+    fa = importlib.import_module("dldna.kernels.flash_attention")
+    cpu = torch.device("cpu")
+    layout = torch.eye(4, dtype=torch.bool)
+    of_rows, of_cols = cached_layout_spans(layout, cpu)  # (spans, cols) of the layout and of its transpose
+    assert of_rows[0].tolist() == [0, 1, 4, 5, 8, 9, 12, 13]
+    assert cached_layout_spans(layout, cpu)[0] is of_rows  # the second call builds nothing
+    layout[0, 3] = True  # changed in place: rebuilt
+    of_rows, of_cols = cached_layout_spans(layout, cpu)
+    assert of_rows[0].tolist()[:2] == [0, 2] and of_rows[1].tolist()[:2] == [0, 3]
+    assert of_cols[0].tolist()[6:] == [12, 14] and of_cols[1].tolist()[12:14] == [0, 3]
+    key = (id(layout), cpu)
+    assert key in fa._SPANS
+    del layout
+    gc.collect()
+    assert key not in fa._SPANS  # dropped with the layout
+
+
+@pytest.mark.parametrize("n_q,n_k", [(70, 83), (64, 96), (64, 83), (70, 96)])
 @pytest.mark.parametrize("dtype,block", [(torch.float32, 32), (torch.float16, 16)])
-def test_triton_block_sparse_matches_reference(dtype, block):
+def test_triton_block_sparse_matches_reference(dtype, block, n_q, n_k):
+    """Ragged lengths (bounds checks), whole layout blocks (the forward skips its checks) and one of each."""
     _triton_kernels()
-    n_q, n_k = 70, 83
-    q, k, v, grad = _inputs(1, 4, 2, n_q, n_k, 16, dtype, seed=block)
+    q, k, v, grad = _inputs(1, 4, 2, n_q, n_k, 16, dtype, seed=block + n_q + n_k)
     gen = torch.Generator().manual_seed(block)
     layout = torch.rand(-(-n_q // block), -(-n_k // block), generator=gen) < 0.5
     layout[:, -1] = True  # the ragged last key block

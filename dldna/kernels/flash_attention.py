@@ -13,6 +13,7 @@ Used in chapter 5 (and by Ring attention, which needs ``return_lse=True``).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -142,13 +143,40 @@ def flash_attention(
 
 
 # ------------------------------------------------------------------------------------------ block-sparse
-def layout_to_csr(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row pointers and column indices (int32) of the True entries of a 2-D bool block layout."""
-    rows, cols = layout.nonzero(as_tuple=True)
-    counts = torch.bincount(rows, minlength=layout.shape[0])
-    row_ptr = torch.zeros(layout.shape[0] + 1, dtype=torch.int64, device=layout.device)
-    row_ptr[1:] = torch.cumsum(counts, 0)
-    return row_ptr.to(torch.int32), cols.to(torch.int32)
+def layout_spans(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept columns of each row of a 2-D bool block layout ``(R, C)``, as the kernels read them.
+
+    Returns ``(spans, cols)``, both int32: ``cols`` is ``(R * C,)``, row ``r``'s kept columns in increasing order at
+    the start of its slice ``[r * C, (r + 1) * C)``; ``spans`` is ``(2 * R,)``, with ``spans[2r:2r + 2]`` the begin
+    and end of those columns in ``cols``. Unlike a compressed (CSR) layout, whose size depends on the number of
+    kept blocks, this needs no GPU-to-host synchronisation (``nonzero`` waits for the GPU on every call).
+    """
+    n_rows, n_cols = layout.shape
+    cols = torch.sort((~layout).to(torch.int8), dim=1, stable=True).indices  # kept (0) first, in column order
+    begin = torch.arange(n_rows, device=layout.device, dtype=torch.int32) * n_cols
+    spans = torch.stack((begin, begin + layout.sum(1, dtype=torch.int32)), 1)
+    return spans.flatten(), cols.to(torch.int32).flatten()
+
+
+# (id of a layout, device) -> (weak reference to it, its version counter, spans of the layout, spans of its transpose)
+_SPANS: dict[tuple[int, torch.device], tuple] = {}
+
+
+def cached_layout_spans(layout: torch.Tensor, device: torch.device) -> tuple[tuple, tuple]:
+    """``layout_spans`` of ``layout`` and of its transpose, on ``device``, computed once per layout tensor.
+
+    A model passes the same layout every step; building the spans took 0.1 ms on an H200, a sixth of the BigBird
+    row's forward. The entry is rebuilt when the tensor is changed in place (its version counter moves) and dropped
+    when the tensor is freed.
+    """
+    key = (id(layout), torch.device(device))
+    hit = _SPANS.get(key)
+    if hit is not None and hit[0]() is layout and hit[1] == layout._version:
+        return hit[2], hit[3]
+    on_device = layout.to(device)
+    spans, spans_t = layout_spans(on_device), layout_spans(on_device.t())
+    _SPANS[key] = (weakref.ref(layout, lambda _, key=key: _SPANS.pop(key, None)), layout._version, spans, spans_t)
+    return spans, spans_t
 
 
 def _check_layout(layout, block_size, n_q, n_k):
@@ -172,10 +200,9 @@ class _BlockSparseFlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, block_size, scale):
         q, k, v = _kernel_inputs(q, k, v)
-        layout = layout.to(q.device)
-        out, lse = _kernels.attention_forward(q, k, v, None, None, scale, layout=layout_to_csr(layout),
-                                              block=block_size)
-        ctx.save_for_backward(q, k, v, out, lse, layout)
+        spans, spans_t = cached_layout_spans(layout, q.device)
+        out, lse = _kernels.attention_forward(q, k, v, None, None, scale, layout=spans, block=block_size)
+        ctx.save_for_backward(q, k, v, out, lse, *spans, *spans_t)
         ctx.block_size, ctx.scale = block_size, scale
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for the unused lse (a kernel per call)
@@ -183,11 +210,10 @@ class _BlockSparseFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, layout = ctx.saved_tensors
+        q, k, v, out, lse, *spans = ctx.saved_tensors
         (grad_out,) = _kernel_inputs(grad_out)
         dq, dk, dv = _kernels.attention_backward(q, k, v, out, lse, grad_out, None, None, ctx.scale,
-                                                 layout=layout_to_csr(layout),
-                                                 layout_t=layout_to_csr(layout.t().contiguous()),
+                                                 layout=spans[:2], layout_t=spans[2:],
                                                  block=ctx.block_size)
         return dq, dk, dv, None, None, None
 

@@ -134,16 +134,18 @@ def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, of
 
 
 @triton.jit(do_not_specialize=_DYNAMIC)
-def _attn_fwd(Q, K, V, O, LSE, ROW_PTR, COL_IDX,
+def _attn_fwd(Q, K, V, O, LSE, ROW_SPAN, COL_IDX,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
               H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale, n_bh, heads_per_chunk,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr = False,
-              LAYOUT_BLOCK: tl.constexpr = 1):
+              LAYOUT_BLOCK: tl.constexpr = 1, RAGGED: tl.constexpr = True):
     """1-D grid of query blocks x B * H (order: ``_tile``). Dense: the band's key blocks. SPARSE: the kept key
-    blocks of this block's layout row r, COL_IDX[ROW_PTR[r]:ROW_PTR[r + 1]] (CSR of a layout of LAYOUT_BLOCK-token
-    blocks, which BLOCK_M and BLOCK_N divide: a kept layout block is LAYOUT_BLOCK // BLOCK_N steps of the loop).
+    blocks of this block's layout row r, COL_IDX[ROW_SPAN[2r]:ROW_SPAN[2r + 1]] (``layout_spans`` of a layout of
+    LAYOUT_BLOCK-token blocks, which BLOCK_M and BLOCK_N divide: a kept layout block is LAYOUT_BLOCK // BLOCK_N steps
+    of the loop). Unless RAGGED (n_k not a multiple of LAYOUT_BLOCK) every kept tile lies inside K and runs without
+    checks (1.5 % faster on an H200's BigBird row; the same in the two backward kernels was 6 % slower).
     USE_TMA (Hopper, dense): Q, K, V, O are 4-D tensor descriptors with blocks (1, 1, rows, HEAD_DIM)."""
     # Query blocks in reverse order: under a causal mask the last blocks have the most work, start them first.
     n_blocks = tl.cdiv(n_q, BLOCK_M)
@@ -172,10 +174,10 @@ def _attn_fwd(Q, K, V, O, LSE, ROW_PTR, COL_IDX,
     if SPARSE:
         steps: tl.constexpr = LAYOUT_BLOCK // BLOCK_N  # loop steps per kept layout block
         layout_row = start_m // LAYOUT_BLOCK
-        for it in range(tl.load(ROW_PTR + layout_row) * steps, tl.load(ROW_PTR + layout_row + 1) * steps):
+        for it in range(tl.load(ROW_SPAN + 2 * layout_row) * steps, tl.load(ROW_SPAN + 2 * layout_row + 1) * steps):
             start_n = tl.load(COL_IDX + it // steps) * LAYOUT_BLOCK + (it % steps) * BLOCK_N
             acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
-                                       band_lo, band_hi, qk_scale, BLOCK_N, True, False, False)
+                                       band_lo, band_hi, qk_scale, BLOCK_N, RAGGED, False, False)
     else:
         lo, full_lo, full_hi, hi = _block_range(start_m, BLOCK_M, n_k, BLOCK_N, band_lo, band_hi, HAS_LO, HAS_HI)
         for start_n in range(lo, full_lo, BLOCK_N):  # left edge of a window: partly masked
@@ -226,7 +228,7 @@ def _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_
 
 
 @triton.jit(do_not_specialize=_DYNAMIC)
-def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX,
+def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, ROW_SPAN, COL_IDX,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
                  stride_dqb, stride_dqh, stride_dqn,
@@ -269,7 +271,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX,
     if SPARSE:  # as in the forward
         steps: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
         layout_row = start_m // LAYOUT_BLOCK
-        for it in range(tl.load(ROW_PTR + layout_row) * steps, tl.load(ROW_PTR + layout_row + 1) * steps):
+        for it in range(tl.load(ROW_SPAN + 2 * layout_row) * steps, tl.load(ROW_SPAN + 2 * layout_row + 1) * steps):
             start_n = tl.load(COL_IDX + it // steps) * LAYOUT_BLOCK + (it % steps) * BLOCK_N
             dq = _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
                            band_lo, band_hi, qk_scale, BLOCK_N, True, False, False)
@@ -320,7 +322,7 @@ def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_don, start_m,
 
 
 @triton.jit(do_not_specialize=_DYNAMIC)
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_SPAN, ROW_IDX,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
                    stride_dvb, stride_dvh, stride_dvn,
@@ -330,9 +332,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX,
                    LAYOUT_BLOCK: tl.constexpr = 1):
     """1-D grid of key blocks x B * Hkv (order: ``_tile``; under a causal mask the first key blocks are heaviest).
     band_lo/band_hi bound ``i - j`` (query minus key): the forward's band seen from the keys' side. SPARSE: the
-    query blocks that keep this key block's layout column c, ROW_IDX[COL_PTR[c]:COL_PTR[c + 1]] (CSC), each
-    LAYOUT_BLOCK // BLOCK_M steps of the loop. USE_TMA (dense): Q and DO are 4-D tensor descriptors with blocks
-    (1, 1, BLOCK_M, HEAD_DIM).
+    query blocks that keep this key block's layout column c, ROW_IDX[COL_SPAN[2c]:COL_SPAN[2c + 1]] (the spans of
+    the transposed layout), each LAYOUT_BLOCK // BLOCK_M steps of the loop. USE_TMA (dense): Q and DO are 4-D tensor
+    descriptors with blocks (1, 1, BLOCK_M, HEAD_DIM).
 
     GQA: every query head of the group adds to this K/V head. The (head, block) pairs are walked as ONE flat loop
     per kind of block: a loop over heads around the block loops made the compiler spill registers.
@@ -354,8 +356,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX,
     steps: tl.constexpr = LAYOUT_BLOCK // BLOCK_M  # SPARSE: loop steps per kept layout block
     if SPARSE:
         layout_col = start_n // LAYOUT_BLOCK
-        first = tl.load(COL_PTR + layout_col)
-        n_masked = (tl.load(COL_PTR + layout_col + 1) - first) * steps
+        first = tl.load(COL_SPAN + 2 * layout_col)
+        n_masked = (tl.load(COL_SPAN + 2 * layout_col + 1) - first) * steps
     else:
         lo, full_lo, full_hi, hi = _block_range(start_n, BLOCK_N, n_q, BLOCK_M, band_lo, band_hi, HAS_LO, HAS_HI)
         n_left = (full_lo - lo) // BLOCK_M
@@ -562,16 +564,17 @@ def _heads_per_chunk(n_bh: int, streamed_rows: int, head_bytes_per_row: int, rag
 def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None):
     """Run the forward kernel; returns ``(o, lse)``.
 
-    Dense: ``band_lo``/``band_hi`` bound ``j - i`` (None = unbounded). Block-sparse: ``layout = (row_ptr, col_idx)``,
-    the CSR of a block layout with tiles of ``block`` x ``block`` tokens.
+    Dense: ``band_lo``/``band_hi`` bound ``j - i`` (None = unbounded). Block-sparse: ``layout = (row_span, col_idx)``,
+    the ``layout_spans`` of a block layout with tiles of ``block`` x ``block`` tokens.
     """
     b, h, n_q, d = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
     o = torch.empty((b, h, n_q, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
-    row_ptr, col_idx = layout if layout is not None else (_no_layout(q.device),) * 2
+    row_span, col_idx = layout if layout is not None else (_no_layout(q.device),) * 2
 
     chunk = _heads_per_chunk(b * h, n_k, d * k.element_size(), layout is None and band_lo is None)
+    ragged_k = layout is not None and n_k % block != 0  # a layout's last key block is partial: bounds checks
 
     def launch(cfg):
         grid = (triton.cdiv(n_q, cfg.block_m) * b * h,)
@@ -579,11 +582,12 @@ def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None)
         if cfg.tma:
             tensors = tuple(_descriptor(t, rows) for t, rows in zip(tensors, (cfg.block_m, cfg.block_n, cfg.block_n,
                                                                                    cfg.block_m)))
-        _attn_fwd[grid](*tensors, lse, row_ptr, col_idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        _attn_fwd[grid](*tensors, lse, row_span, col_idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                         h, h // n_kv, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E, b * h, chunk,
                         HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                         HAS_LO=band_lo is not None, HAS_HI=band_hi is not None, SPARSE=layout is not None,
-                        USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                        USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1, RAGGED=ragged_k,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if layout is not None:
         key = (d, str(q.dtype), "layout", block, _pow2(n_q), _pow2(n_k), h // n_kv > 1)
@@ -628,8 +632,8 @@ def layout_candidate_configs(kernel: str, block: int, head_dim: int) -> list[Ker
 def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None, layout_t=None, block=None):
     """Run the backward kernels (dQ with delta, then dK/dV); returns ``(dq, dk, dv)``.
 
-    Block-sparse: ``layout`` is the CSR of the block layout (for dQ) and ``layout_t`` that of its transpose (for
-    dK/dV: the query blocks of each key block).
+    Block-sparse: ``layout`` is the ``layout_spans`` of the block layout (for dQ) and ``layout_t`` those of its
+    transpose (for dK/dV: the query blocks of each key block).
     """
     b, h, n_q, d = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
@@ -640,8 +644,8 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
     dv = torch.empty((b, n_kv, n_k, d), device=q.device, dtype=v.dtype)
     has_lo, has_hi = band_lo is not None, band_hi is not None
     sparse = layout is not None
-    row_ptr, col_idx = layout if sparse else (_no_layout(q.device),) * 2
-    col_ptr, row_idx = layout_t if sparse else (_no_layout(q.device),) * 2
+    row_span, col_idx = layout if sparse else (_no_layout(q.device),) * 2
+    col_span, row_idx = layout_t if sparse else (_no_layout(q.device),) * 2
     ragged = not sparse and band_lo is None  # causal (or full): the blocks' work differs
     dq_chunk = _heads_per_chunk(b * h, n_k, d * k.element_size(), ragged)
     dkdv_chunk = _heads_per_chunk(b * n_kv, n_q * group, d * q.element_size(), ragged)
@@ -651,7 +655,7 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
         if cfg.tma:
             kt, vt = _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)
         _attn_bwd_dq[(triton.cdiv(n_q, cfg.block_m) * b * h,)](
-            q, kt, vt, o, do, dq, lse, delta, row_ptr, col_idx, *_strides(q), *_strides(k), *_strides(v),
+            q, kt, vt, o, do, dq, lse, delta, row_span, col_idx, *_strides(q), *_strides(k), *_strides(v),
             *_strides(o), *_strides(do), *_strides(dq), h, group, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E,
             scale, b * h, dq_chunk,
             HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=has_lo, HAS_HI=has_hi, SPARSE=sparse,
@@ -666,7 +670,7 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
         if cfg.tma:
             qt, dot = _descriptor(q, cfg.block_m), _descriptor(do, cfg.block_m)
         _attn_bwd_dkdv[(triton.cdiv(n_k, cfg.block_n) * b * n_kv,)](
-            qt, k, v, dot, dk, dv, lse, delta, col_ptr, row_idx, *_strides(q), *_strides(k), *_strides(v),
+            qt, k, v, dot, dk, dv, lse, delta, col_span, row_idx, *_strides(q), *_strides(k), *_strides(v),
             *_strides(do), *_strides(dk), *_strides(dv), h, group, n_q, n_k, t_lo or 0, t_hi or 0, scale * LOG2E,
             scale, b * n_kv, dkdv_chunk, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=t_lo is not None,
             HAS_HI=t_hi is not None, SPARSE=sparse, USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1,
