@@ -277,6 +277,22 @@ def test_layout_spans_are_cached_per_layout_until_it_changes_or_dies():
     assert key not in fa._SPANS  # dropped with the layout
 
 
+def test_block_sparse_path_never_waits_for_the_gpu(monkeypatch):
+    """``nonzero``, ``bincount`` and ``.item()`` make the host wait for the GPU: none may run on the call path."""
+    _triton_kernels()
+    q, k, v, grad = _inputs(1, 2, 2, 64, 64, 16, torch.float32, seed=5)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    layout = torch.eye(4, dtype=torch.bool)
+
+    def waits(*args, **kwargs):
+        raise AssertionError("a GPU-to-host synchronisation on the block-sparse path")
+
+    for owner, name in ((torch, "nonzero"), (torch.Tensor, "nonzero"), (torch, "bincount"), (torch.Tensor, "item")):
+        monkeypatch.setattr(owner, name, waits)
+    block_sparse_flash_attention(q, k, v, layout, 16, backend="triton").backward(grad.float())
+    assert all(t.grad is not None for t in (q, k, v))
+
+
 @pytest.mark.parametrize("n_q,n_k", [(70, 83), (64, 96), (64, 83), (70, 96)])
 @pytest.mark.parametrize("dtype,block", [(torch.float32, 32), (torch.float16, 16)])
 def test_triton_block_sparse_matches_reference(dtype, block, n_q, n_k):
