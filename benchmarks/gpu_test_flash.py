@@ -154,6 +154,11 @@ def run_group(group) -> list[dict]:
         from dldna.attention.masks import bigbird_block_layout, longformer_block_layout, strided_block_layout
         from dldna.kernels.flash_attention import block_mask_from_layout
 
+        def sparse_attention(layout, block):
+            """The call under test for one layout, as ``record`` runs it."""
+            return lambda q, k, v: block_sparse_flash_attention(q, k, v, layout, block, return_lse=True,
+                                                                backend="triton")
+
         cases = ((64, 64, "bfloat16"), (128, 128, "bfloat16"), (64, 128, "float16"), (32, 32, "float16"))
         for block, d, dtype_name in cases[-1:] if SMOKE else cases:
             nb = 4 if SMOKE else 12
@@ -165,21 +170,14 @@ def run_group(group) -> list[dict]:
             n = nb * block - block // 3  # ragged last block
             for (name, layout), length in itertools.product(layouts.items(), (n, nb * block)):  # ragged, whole blocks
                 mask = block_mask_from_layout(layout.to(DEVICE), block, length, length)
-
-                def fn(q, k, v, layout=layout, block=block):
-                    return block_sparse_flash_attention(q, k, v, layout, block, return_lse=True, backend="triton")
-
-                record(f"sparse {name} block={block} n={length}", dtype_name, fn, (2, 4, 2, length, length, d), mask,
-                       seed=block + d + length)
+                record(f"sparse {name} block={block} n={length}", dtype_name, sparse_attention(layout, block),
+                       (2, 4, 2, length, length, d), mask, seed=block + d + length)
             # every candidate config of each kernel once, on the BigBird layout (tiles that divide the block)
             name, layout = "bigbird", layouts["bigbird"]
             mask = block_mask_from_layout(layout.to(DEVICE), block, n, n)
             for kernel, cfg in ft.each_config(lambda kernel: ft.layout_candidate_configs(kernel, block, d)):
-                def fn(q, k, v, layout=layout, block=block):
-                    return block_sparse_flash_attention(q, k, v, layout, block, return_lse=True, backend="triton")
-
-                record(f"sparse {name} block={block} {kernel}={cfg}", dtype_name, fn, (2, 4, 2, n, n, d), mask,
-                       seed=block + d + 1)
+                record(f"sparse {name} block={block} {kernel}={cfg}", dtype_name, sparse_attention(layout, block),
+                       (2, 4, 2, n, n, d), mask, seed=block + d + 1)
     return rows
 
 

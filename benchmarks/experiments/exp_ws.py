@@ -26,6 +26,7 @@ sys.path.insert(0, os.getcwd())
 from benchmarks.attention import WINDOW, allowed_pairs, make_fns, problem  # noqa: E402
 from dldna.kernels import flash_triton as ft  # noqa: E402
 from dldna.kernels import report  # noqa: E402
+from dldna.kernels.flash_triton import _softmax_step  # noqa: E402
 from dldna.kernels.tiled import band_limits  # noqa: E402
 
 LOG2E = 1.4426950408889634
@@ -36,25 +37,8 @@ def _ws_step(acc, l_i, m_i, q, desc_k, desc_v, y_k, start_n, offs_m, n_k, band_l
              BLOCK_N: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, MASKED: tl.constexpr):
     """``flash_triton._fwd_block`` with 2-D descriptor loads: the pass could not split its 4-D loads."""
     k = desc_k.load([y_k + start_n, 0])
-    qk = tl.dot(q, tl.trans(k))
-    if MASKED:
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = offs_n[None, :] < n_k
-        diff = offs_n[None, :] - offs_m[:, None]
-        if HAS_LO:
-            keep = keep & (diff >= band_lo)
-        if HAS_HI:
-            keep = keep & (diff <= band_hi)
-        qk = tl.where(keep, qk * qk_scale, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        qk = qk - m_ij[:, None]
-    else:
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        qk = qk * qk_scale - m_ij[:, None]
-    p = tl.math.exp2(qk)
-    alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    p, acc, l_i, m_ij = _softmax_step(tl.dot(q, tl.trans(k)), acc, l_i, m_i, offs_m, start_n + tl.arange(0, BLOCK_N),
+                                      n_k, band_lo, band_hi, qk_scale, MASKED, HAS_LO, HAS_HI)
     v = desc_v.load([y_k + start_n, 0])
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_ij

@@ -85,6 +85,19 @@ def _tile(n_blocks, n_bh, heads_per_chunk):
 
 
 @triton.jit
+def _kept_span(SPAN, r):
+    """Where layout row ``r``'s kept blocks sit in the index array: ``[SPAN[2r], SPAN[2r + 1])`` (``layout_spans``)."""
+    return tl.load(SPAN + 2 * r), tl.load(SPAN + 2 * r + 1)
+
+
+@triton.jit
+def _kept_start(IDX, it, steps: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """First token of loop step ``it`` (``steps`` tiles per kept block): tile ``it % steps`` of the kept block
+    ``IDX[it // steps]``."""
+    return tl.load(IDX + it // steps) * LAYOUT_BLOCK + (it % steps) * BLOCK
+
+
+@triton.jit
 def _load_rows(T, b, h, start, n_rows, stride_n, offs_d, ROWS: tl.constexpr, MASKED: tl.constexpr,
                USE_TMA: tl.constexpr):
     """Rows [start, start + ROWS) of one head's ``(N, D)`` matrix, as a ``(ROWS, D)`` tile.
@@ -106,16 +119,11 @@ def _load_rows(T, b, h, start, n_rows, stride_n, offs_d, ROWS: tl.constexpr, MAS
 
 # ----------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k, band_lo, band_hi,
-               qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-               USE_TMA: tl.constexpr = False, b=0, hk=0):
-    """One step of the online softmax: fold key block [start_n, start_n + BLOCK_N) into (acc, l_i, m_i).
-
-    USE_TMA: ``K``/``V`` are 4-D tensor descriptors (the copy engine fetches the tile; rows past the end are zeros).
-    """
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K, b, hk, start_n, n_k, stride_kn, offs_d, BLOCK_N, MASKED, USE_TMA)
-    qk = tl.dot(q, tl.trans(k))
+def _softmax_step(qk, acc, l_i, m_i, offs_m, offs_n, n_k, band_lo, band_hi, qk_scale, MASKED: tl.constexpr,
+                  HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """Fold one key block's raw scores ``qk = q k^T`` (rows ``offs_m``, keys ``offs_n``) into the running max
+    ``m_i`` and sum ``l_i``, and rescale ``acc`` to the new max. Returns ``(p, acc, l_i, m_new)``, with ``p`` the
+    block's unnormalised probabilities (base 2) that multiply V next. MASKED: scores outside the band are -inf."""
     if MASKED:
         keep = _band_mask(offs_m, offs_n, n_k, band_lo, band_hi, HAS_LO, HAS_HI)
         qk = tl.where(keep, qk * qk_scale, float("-inf"))
@@ -128,6 +136,22 @@ def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, of
     alpha = tl.math.exp2(m_i - m_ij)  # rescale what was accumulated against the old running max
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
+    return p, acc, l_i, m_ij
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k, band_lo, band_hi,
+               qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+               USE_TMA: tl.constexpr = False, b=0, hk=0):
+    """One step of the online softmax: fold key block [start_n, start_n + BLOCK_N) into (acc, l_i, m_i).
+
+    USE_TMA: ``K``/``V`` are 4-D tensor descriptors (the copy engine fetches the tile; rows past the end are zeros).
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(K, b, hk, start_n, n_k, stride_kn, offs_d, BLOCK_N, MASKED, USE_TMA)
+    qk = tl.dot(q, tl.trans(k))
+    p, acc, l_i, m_ij = _softmax_step(qk, acc, l_i, m_i, offs_m, offs_n, n_k, band_lo, band_hi, qk_scale, MASKED,
+                                      HAS_LO, HAS_HI)
     v = _load_rows(V, b, hk, start_n, n_k, stride_vn, offs_d, BLOCK_N, MASKED, USE_TMA)
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_ij
@@ -173,9 +197,9 @@ def _attn_fwd(Q, K, V, O, LSE, ROW_SPAN, COL_IDX,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if SPARSE:
         steps: tl.constexpr = LAYOUT_BLOCK // BLOCK_N  # loop steps per kept layout block
-        layout_row = start_m // LAYOUT_BLOCK
-        for it in range(tl.load(ROW_SPAN + 2 * layout_row) * steps, tl.load(ROW_SPAN + 2 * layout_row + 1) * steps):
-            start_n = tl.load(COL_IDX + it // steps) * LAYOUT_BLOCK + (it % steps) * BLOCK_N
+        first, last = _kept_span(ROW_SPAN, start_m // LAYOUT_BLOCK)
+        for it in range(first * steps, last * steps):
+            start_n = _kept_start(COL_IDX, it, steps, LAYOUT_BLOCK, BLOCK_N)
             acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
                                        band_lo, band_hi, qk_scale, BLOCK_N, RAGGED, False, False)
     else:
@@ -270,9 +294,9 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, ROW_SPAN, COL_IDX,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if SPARSE:  # as in the forward
         steps: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
-        layout_row = start_m // LAYOUT_BLOCK
-        for it in range(tl.load(ROW_SPAN + 2 * layout_row) * steps, tl.load(ROW_SPAN + 2 * layout_row + 1) * steps):
-            start_n = tl.load(COL_IDX + it // steps) * LAYOUT_BLOCK + (it % steps) * BLOCK_N
+        first, last = _kept_span(ROW_SPAN, start_m // LAYOUT_BLOCK)
+        for it in range(first * steps, last * steps):
+            start_n = _kept_start(COL_IDX, it, steps, LAYOUT_BLOCK, BLOCK_N)
             dq = _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
                            band_lo, band_hi, qk_scale, BLOCK_N, True, False, False)
     else:
@@ -355,9 +379,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_SPAN, ROW_IDX,
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     steps: tl.constexpr = LAYOUT_BLOCK // BLOCK_M  # SPARSE: loop steps per kept layout block
     if SPARSE:
-        layout_col = start_n // LAYOUT_BLOCK
-        first = tl.load(COL_SPAN + 2 * layout_col)
-        n_masked = (tl.load(COL_SPAN + 2 * layout_col + 1) - first) * steps
+        first, last = _kept_span(COL_SPAN, start_n // LAYOUT_BLOCK)
+        n_masked = (last - first) * steps
     else:
         lo, full_lo, full_hi, hi = _block_range(start_n, BLOCK_N, n_q, BLOCK_M, band_lo, band_hi, HAS_LO, HAS_HI)
         n_left = (full_lo - lo) // BLOCK_M
@@ -376,7 +399,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_SPAN, ROW_IDX,
         g = it // tl.maximum(n_masked, 1)
         j = it - g * n_masked
         if SPARSE:
-            start_m = tl.load(ROW_IDX + first + j // steps) * LAYOUT_BLOCK + (j % steps) * BLOCK_M
+            start_m = _kept_start(ROW_IDX + first, j, steps, LAYOUT_BLOCK, BLOCK_M)
         else:
             start_m = tl.where(j < n_left, lo + j * BLOCK_M, full_hi + (j - n_left) * BLOCK_M)
         h = hk * GROUP + g
