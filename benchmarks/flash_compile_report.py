@@ -23,7 +23,8 @@ from triton.compiler import ASTSource
 from dldna.kernels import flash_triton as ft
 
 DIV16 = [["tt.divisibility", 16]]
-POINTERS = {"Q", "K", "V", "O", "LSE", "DO", "DQ", "DK", "DV", "DELTA", "ROW_SPAN", "COL_IDX", "COL_SPAN", "ROW_IDX"}
+POINTERS = {"Q", "K", "V", "O", "LSE", "LSE2", "DO", "DQ", "DK", "DV", "DELTA", "ROW_SPAN", "COL_IDX", "COL_SPAN",
+            "ROW_IDX"}
 
 
 def _signature(fn, dtype: str, constexprs: dict, ints_not_div16: set[str], floats: set[str]):
@@ -35,7 +36,7 @@ def _signature(fn, dtype: str, constexprs: dict, ints_not_div16: set[str], float
             sig[name] = "fp32"
         elif name in POINTERS:
             index = "SPAN" in name or "IDX" in name
-            sig[name] = "*fp32" if name in ("LSE", "DELTA") else ("*i32" if index else f"*{dtype}")
+            sig[name] = "*fp32" if name in ("LSE", "LSE2", "DELTA") else ("*i32" if index else f"*{dtype}")
             attrs[(i,)] = DIV16
         else:
             sig[name] = "i32"
@@ -46,10 +47,14 @@ def _signature(fn, dtype: str, constexprs: dict, ints_not_div16: set[str], float
 
 def compile_one(fn, dtype, head_dim, cfg, flags):
     kind = fn.__name__
+    window = flags[0] and flags[1]
+    # As the benchmark launches them: lengths of whole tiles (RAGGED off), a 1024-token window (WIDE_BAND) and, at
+    # head_dim > 64, both window edges in one forward loop; every other constexpr keeps its default.
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=flags[0], HAS_HI=flags[1],
-                      SPARSE=False)
-    if "USE_TMA" in fn.arg_names:
-        constexprs["USE_TMA"] = cfg.tma
+                      SPARSE=False, USE_TMA=cfg.tma, RAGGED=False, WIDE_BAND=window,
+                      EDGES_IN_ONE_LOOP=window and head_dim > 64)
+    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
+    constexprs.update({p.name: p.default for p in fn.params if p.is_constexpr and p.name not in constexprs})
     floats = {"qk_scale", "sm_scale"}
     sig, attrs = _signature(fn, dtype, constexprs, set(), floats)
     if cfg.tma:  # the tiles read through 4-D tensor descriptors, with their block rows

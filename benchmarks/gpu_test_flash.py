@@ -5,9 +5,10 @@ show up as NaN), and compares the output, the log-sum-exp and dq/dk/dv with the 
 ``dldna.attention.attention`` computed from the same (rounded) inputs, by relative Frobenius error.
 
 Matrix: head_dim {16, 32, 64, 128} x dtype {fp16, bf16} (+ fp32/TF32 at 64) x mask {full, causal, causal window,
-symmetric window} x shapes {MHA with tails, GQA, MQA with Nq < Nk, Nq > Nk with empty rows, one query (decode)};
-then every tuning config of each kernel at head_dim 64 and 128 (bf16, causal and window), and block-sparse
-layouts from dldna.attention.masks. Groups run in parallel processes (compilation dominates).
+symmetric window} x shapes {MHA with tails, whole tiles, GQA, MQA with Nq < Nk, Nq > Nk with empty rows, one query
+(decode)}; then every tuning config of each kernel at head_dim 64 and 128 (bf16, causal and window; a length with a
+ragged tail and one of whole tiles), and block-sparse layouts from dldna.attention.masks. Groups run in parallel
+processes (compilation dominates).
 
     python benchmarks/gpu_test_flash.py --jobs 14 --out gpu_test.jsonl
 """
@@ -28,6 +29,7 @@ import torch
 BOUNDS = {"float16": 5e-3, "bfloat16": 2e-2, "float32": 5e-3}  # output; gradients get twice this
 SHAPES = [  # (B, H, Hkv, Nq, Nk)
     (2, 4, 4, 1000, 1000),  # MHA, ragged tail
+    (1, 4, 2, 1024, 1024),  # whole tiles: the masked tiles skip the bounds checks
     (1, 8, 2, 1537, 1537),  # GQA 4:1
     (2, 6, 1, 513, 1021),  # MQA, Nq < Nk (queries at the end, as with a KV cache)
     (1, 4, 2, 300, 77),  # Nq > Nk: under a causal mask the first rows see nothing
@@ -142,14 +144,14 @@ def run_group(group) -> list[dict]:
     elif kind == "configs":
         d, mask_name = a, b_
         causal, window = MASKS[mask_name][0], 1024 if mask_name == "window" else None
-        n = 70 if SMOKE else 2100
-        shape = (1, 4, 2, n, n, d)
-        mask = _token_mask(n, n, causal, window, DEVICE)
-        for kernel, cfg in ft.each_config(lambda kernel: ft.candidate_configs(kernel, d)):
-            def fn(q, k, v):
-                return flash_attention(q, k, v, causal=causal, window=window, return_lse=True, backend="triton")
+        for n in (70, 64) if SMOKE else (2100, 2048):  # ragged tail, whole tiles
+            shape = (1, 4, 2, n, n, d)
+            mask = _token_mask(n, n, causal, window, DEVICE)
+            for kernel, cfg in ft.each_config(lambda kernel: ft.candidate_configs(kernel, d)):
+                def fn(q, k, v):
+                    return flash_attention(q, k, v, causal=causal, window=window, return_lse=True, backend="triton")
 
-            record(f"{mask_name} {kernel}={cfg}", "bfloat16", fn, shape, mask, seed=hash(cfg) % 1000)
+                record(f"{mask_name} n={n} {kernel}={cfg}", "bfloat16", fn, shape, mask, seed=(hash(cfg) + n) % 1000)
     else:
         from dldna.attention.masks import bigbird_block_layout, longformer_block_layout, strided_block_layout
         from dldna.kernels.flash_attention import block_mask_from_layout

@@ -167,6 +167,15 @@ TRITON_CASES = [
     (torch.float32, 2, 1, 90, 40, 16, True, 7),  # Nq > Nk: the first rows see no key at all
     (torch.bfloat16, 2, 2, 50, 50, 16, True, None),  # bf16 (run in fp32 by the interpreter)
     (torch.float16, 1, 1, 33, 33, 128, True, None),  # head_dim 128
+    # Lengths that are whole 32-token tiles (no bounds checks) and bands wider than two tiles (WIDE_BAND: the
+    # left-edge tiles skip the band_hi check), alone and together; 65 is the narrowest band that counts as wide.
+    (torch.float32, 2, 1, 192, 192, 16, True, 70),  # whole tiles, wide window, MQA
+    (torch.float16, 2, 2, 160, 160, 32, False, 81),  # whole tiles, wide symmetric window (j - i in [-40, 40])
+    (torch.float32, 2, 2, 130, 130, 16, True, 65),  # ragged tail, the narrowest wide window
+    (torch.float32, 2, 2, 96, 128, 16, True, None),  # whole tiles, Nq < Nk, causal
+    # head_dim > 64 with a band: the forward walks both edges' masked tiles in one loop (EDGES_IN_ONE_LOOP)
+    (torch.float16, 1, 1, 100, 100, 128, True, 40),  # causal window, ragged tail
+    (torch.float32, 2, 1, 128, 128, 128, False, 81),  # symmetric wide window, whole tiles
 ]
 
 

@@ -31,9 +31,11 @@ _DYNAMIC = ["H", "GROUP", "n_q", "n_k", "band_lo", "band_hi", "n_bh", "heads_per
 
 
 @triton.jit
-def _band_mask(rows, cols, n_cols, band_lo, band_hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
-    """True where ``cols`` exists (< n_cols) and ``band_lo <= col - row <= band_hi``; shape (rows, cols)."""
-    keep = cols[None, :] < n_cols
+def _band_mask(rows, cols, n_cols, band_lo, band_hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+               CHECK_N: tl.constexpr = True):
+    """True where ``band_lo <= col - row`` (if HAS_LO), ``col - row <= band_hi`` (if HAS_HI) and ``col < n_cols``
+    (if CHECK_N); shape (rows, cols). Each check left out saves two or three instructions per score."""
+    keep = (cols[None, :] < n_cols) | (not CHECK_N)  # the compiler folds this to True when CHECK_N is off
     diff = cols[None, :] - rows[:, None]
     if HAS_LO:
         keep = keep & (diff >= band_lo)
@@ -120,12 +122,13 @@ def _load_rows(T, b, h, start, n_rows, stride_n, offs_d, ROWS: tl.constexpr, MAS
 # ----------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _softmax_step(qk, acc, l_i, m_i, offs_m, offs_n, n_k, band_lo, band_hi, qk_scale, MASKED: tl.constexpr,
-                  HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+                  HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, CHECK_N: tl.constexpr = True):
     """Fold one key block's raw scores ``qk = q k^T`` (rows ``offs_m``, keys ``offs_n``) into the running max
     ``m_i`` and sum ``l_i``, and rescale ``acc`` to the new max. Returns ``(p, acc, l_i, m_new)``, with ``p`` the
-    block's unnormalised probabilities (base 2) that multiply V next. MASKED: scores outside the band are -inf."""
+    block's unnormalised probabilities (base 2) that multiply V next. MASKED: scores that ``_band_mask`` rejects
+    are -inf."""
     if MASKED:
-        keep = _band_mask(offs_m, offs_n, n_k, band_lo, band_hi, HAS_LO, HAS_HI)
+        keep = _band_mask(offs_m, offs_n, n_k, band_lo, band_hi, HAS_LO, HAS_HI, CHECK_N)
         qk = tl.where(keep, qk * qk_scale, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         qk = qk - m_ij[:, None]
@@ -142,17 +145,19 @@ def _softmax_step(qk, acc, l_i, m_i, offs_m, offs_n, n_k, band_lo, band_hi, qk_s
 @triton.jit
 def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k, band_lo, band_hi,
                qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-               USE_TMA: tl.constexpr = False, b=0, hk=0):
+               USE_TMA: tl.constexpr = False, b=0, hk=0, CHECK_N: tl.constexpr = True):
     """One step of the online softmax: fold key block [start_n, start_n + BLOCK_N) into (acc, l_i, m_i).
 
-    USE_TMA: ``K``/``V`` are 4-D tensor descriptors (the copy engine fetches the tile; rows past the end are zeros).
+    MASKED: apply the checks HAS_LO / HAS_HI / CHECK_N name (``_band_mask``); CHECK_N also zero-fills K/V rows past
+    n_k. USE_TMA: ``K``/``V`` are 4-D tensor descriptors (the copy engine fetches the tile; rows past the end are
+    zeros).
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K, b, hk, start_n, n_k, stride_kn, offs_d, BLOCK_N, MASKED, USE_TMA)
+    k = _load_rows(K, b, hk, start_n, n_k, stride_kn, offs_d, BLOCK_N, MASKED and CHECK_N, USE_TMA)
     qk = tl.dot(q, tl.trans(k))
     p, acc, l_i, m_ij = _softmax_step(qk, acc, l_i, m_i, offs_m, offs_n, n_k, band_lo, band_hi, qk_scale, MASKED,
-                                      HAS_LO, HAS_HI)
-    v = _load_rows(V, b, hk, start_n, n_k, stride_vn, offs_d, BLOCK_N, MASKED, USE_TMA)
+                                      HAS_LO, HAS_HI, CHECK_N)
+    v = _load_rows(V, b, hk, start_n, n_k, stride_vn, offs_d, BLOCK_N, MASKED and CHECK_N, USE_TMA)
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_ij
 
@@ -164,13 +169,20 @@ def _attn_fwd(Q, K, V, O, LSE, ROW_SPAN, COL_IDX,
               H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale, n_bh, heads_per_chunk,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr = False,
-              LAYOUT_BLOCK: tl.constexpr = 1, RAGGED: tl.constexpr = True):
+              LAYOUT_BLOCK: tl.constexpr = 1, RAGGED: tl.constexpr = True, WIDE_BAND: tl.constexpr = False,
+              EDGES_IN_ONE_LOOP: tl.constexpr = False):
     """1-D grid of query blocks x B * H (order: ``_tile``). Dense: the band's key blocks. SPARSE: the kept key
     blocks of this block's layout row r, COL_IDX[ROW_SPAN[2r]:ROW_SPAN[2r + 1]] (``layout_spans`` of a layout of
     LAYOUT_BLOCK-token blocks, which BLOCK_M and BLOCK_N divide: a kept layout block is LAYOUT_BLOCK // BLOCK_N steps
-    of the loop). Unless RAGGED (n_k not a multiple of LAYOUT_BLOCK) every kept tile lies inside K and runs without
-    checks (1.5 % faster on an H200's BigBird row; the same in the two backward kernels was 6 % slower).
-    USE_TMA (Hopper, dense): Q, K, V, O are 4-D tensor descriptors with blocks (1, 1, rows, HEAD_DIM)."""
+    of the loop). USE_TMA (Hopper, dense): Q, K, V, O are 4-D tensor descriptors with blocks (1, 1, rows, HEAD_DIM).
+
+    The partly masked tiles check only what can fail there. Unless RAGGED (n_k not a multiple of the key tile:
+    LAYOUT_BLOCK if SPARSE, else BLOCK_N) no tile reaches past n_k: no bounds checks (on an H200's BigBird row the
+    sparse forward ran 1.5 % faster without them; the same in the two sparse backward kernels was 6 % slower). Dense:
+    the tiles right of the full ones start at or after the last row's band_lo, so they never check band_lo; with
+    WIDE_BAND (band_hi - band_lo >= BLOCK_M + BLOCK_N) the left-edge tiles end before the first row's band_hi, so
+    they never check band_hi. EDGES_IN_ONE_LOOP: the partly masked tiles of both edges run in one loop (each checks
+    both band limits) before the full ones; the host picks it where it measured faster (``attention_forward``)."""
     # Query blocks in reverse order: under a causal mask the last blocks have the most work, start them first.
     n_blocks = tl.cdiv(n_q, BLOCK_M)
     rank, bh = _tile(n_blocks, n_bh, heads_per_chunk)
@@ -204,16 +216,27 @@ def _attn_fwd(Q, K, V, O, LSE, ROW_SPAN, COL_IDX,
                                        band_lo, band_hi, qk_scale, BLOCK_N, RAGGED, False, False)
     else:
         lo, full_lo, full_hi, hi = _block_range(start_m, BLOCK_M, n_k, BLOCK_N, band_lo, band_hi, HAS_LO, HAS_HI)
-        for start_n in range(lo, full_lo, BLOCK_N):  # left edge of a window: partly masked
-            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
-                                       band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI, USE_TMA, b32, hk32)
+        if EDGES_IN_ONE_LOOP:
+            n_left = (full_lo - lo) // BLOCK_N
+            for j in range(0, n_left + tl.cdiv(tl.maximum(hi - full_hi, 0), BLOCK_N)):
+                start_n = tl.where(j < n_left, lo + j * BLOCK_N, full_hi + (j - n_left) * BLOCK_N)
+                acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d,
+                                           n_k, band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI, USE_TMA,
+                                           b32, hk32, RAGGED)
+        else:
+            for start_n in range(lo, full_lo, BLOCK_N):  # left edge of a window: partly masked
+                acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d,
+                                           n_k, band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO,
+                                           HAS_HI and not WIDE_BAND, USE_TMA, b32, hk32, RAGGED)
         for start_n in range(full_lo, full_hi, BLOCK_N):  # the bulk: no mask, no bounds checks
             start_n = tl.multiple_of(start_n, BLOCK_N)
             acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
                                        band_lo, band_hi, qk_scale, BLOCK_N, False, HAS_LO, HAS_HI, USE_TMA, b32, hk32)
-        for start_n in range(full_hi, hi, BLOCK_N):  # diagonal (causal) and the ragged tail: partly masked
-            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
-                                       band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI, USE_TMA, b32, hk32)
+        if not EDGES_IN_ONE_LOOP:
+            for start_n in range(full_hi, hi, BLOCK_N):  # diagonal (causal) and the ragged tail: partly masked
+                acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d,
+                                           n_k, band_lo, band_hi, qk_scale, BLOCK_N, True, False, HAS_HI, USE_TMA,
+                                           b32, hk32, RAGGED)
     # Divide by the softmax sum; write O and the natural-log LSE (rows without keys: zeros and -inf).
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -238,31 +261,34 @@ def _load_lse2(LSE, offs, n):
 @triton.jit
 def _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k, band_lo, band_hi,
               qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-              USE_TMA: tl.constexpr = False, b=0, hk=0):
-    """Fold key block [start_n, start_n + BLOCK_N) into dQ. USE_TMA: ``K``/``V`` are 4-D tensor descriptors."""
+              USE_TMA: tl.constexpr = False, b=0, hk=0, CHECK_N: tl.constexpr = True):
+    """Fold key block [start_n, start_n + BLOCK_N) into dQ (MASKED, CHECK_N as in ``_fwd_block``). USE_TMA: ``K``/``V``
+    are 4-D tensor descriptors."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K, b, hk, start_n, n_k, stride_kn, offs_d, BLOCK_N, MASKED, USE_TMA)
-    v = _load_rows(V, b, hk, start_n, n_k, stride_vn, offs_d, BLOCK_N, MASKED, USE_TMA)
+    k = _load_rows(K, b, hk, start_n, n_k, stride_kn, offs_d, BLOCK_N, MASKED and CHECK_N, USE_TMA)
+    v = _load_rows(V, b, hk, start_n, n_k, stride_vn, offs_d, BLOCK_N, MASKED and CHECK_N, USE_TMA)
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # recomputed, never stored
     if MASKED:
-        p = tl.where(_band_mask(offs_m, offs_n, n_k, band_lo, band_hi, HAS_LO, HAS_HI), p, 0.0)
+        p = tl.where(_band_mask(offs_m, offs_n, n_k, band_lo, band_hi, HAS_LO, HAS_HI, CHECK_N), p, 0.0)
     dp = tl.dot(do, tl.trans(v))
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq)
 
 
 @triton.jit(do_not_specialize=_DYNAMIC)
-def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, ROW_SPAN, COL_IDX,
+def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, LSE2, DELTA, ROW_SPAN, COL_IDX,
                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                  stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
                  stride_dqb, stride_dqh, stride_dqn,
                  H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale, sm_scale, n_bh, heads_per_chunk,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr = False,
-                 LAYOUT_BLOCK: tl.constexpr = 1):
+                 LAYOUT_BLOCK: tl.constexpr = 1, RAGGED: tl.constexpr = True, WIDE_BAND: tl.constexpr = False):
     """dQ of one query block: the forward's loop again, with dS = P * (dP - delta) in place of the softmax.
     It first computes the block's ``delta_i = sum_d dO_id O_id`` (= sum_j P_ij dP_ij, the row term of the softmax
-    gradient) and stores it for the dK/dV kernel, which runs next. Same grid and order as the forward.
+    gradient) and its LSE in base 2, and stores both for the dK/dV kernel, which runs next and so reads a ready
+    base-2 LSE in every step instead of converting LSE there (54 fewer instructions per step of its loop at D = 64).
+    Same grid, order and masking (RAGGED, WIDE_BAND) as the dense forward.
     USE_TMA (dense): K and V are 4-D tensor descriptors with blocks (1, 1, BLOCK_N, HEAD_DIM)."""
     n_blocks = tl.cdiv(n_q, BLOCK_M)
     rank, bh = _tile(n_blocks, n_bh, heads_per_chunk)
@@ -280,6 +306,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, ROW_SPAN, COL_IDX,
         K += b * stride_kb + hk * stride_kh
         V += b * stride_vb + hk * stride_vh
     LSE += bh.to(tl.int64) * n_q
+    LSE2 += bh.to(tl.int64) * n_q
     DELTA += bh.to(tl.int64) * n_q
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -291,6 +318,7 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, ROW_SPAN, COL_IDX,
     o = _load_rows(O, 0, 0, start_m, n_q, stride_on, offs_d, BLOCK_M, True, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + offs_m, delta, mask=offs_m < n_q)
+    tl.store(LSE2 + offs_m, lse2, mask=offs_m < n_q)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if SPARSE:  # as in the forward
         steps: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
@@ -303,14 +331,15 @@ def _attn_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, ROW_SPAN, COL_IDX,
         lo, full_lo, full_hi, hi = _block_range(start_m, BLOCK_M, n_k, BLOCK_N, band_lo, band_hi, HAS_LO, HAS_HI)
         for start_n in range(lo, full_lo, BLOCK_N):
             dq = _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
-                           band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI, USE_TMA, b32, hk32)
+                           band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI and not WIDE_BAND, USE_TMA, b32,
+                           hk32, RAGGED)
         for start_n in range(full_lo, full_hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
             dq = _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
                            band_lo, band_hi, qk_scale, BLOCK_N, False, HAS_LO, HAS_HI, USE_TMA, b32, hk32)
         for start_n in range(full_hi, hi, BLOCK_N):
             dq = _dq_block(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, start_n, offs_m, offs_d, n_k,
-                           band_lo, band_hi, qk_scale, BLOCK_N, True, HAS_LO, HAS_HI, USE_TMA, b32, hk32)
+                           band_lo, band_hi, qk_scale, BLOCK_N, True, False, HAS_HI, USE_TMA, b32, hk32, RAGGED)
     tl.store(DQ + offs_m[:, None] * stride_dqn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows)
 
 
@@ -325,19 +354,25 @@ def _head_source(T, b, h, stride_b, stride_h, USE_TMA: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_don, start_m, offs_n, offs_d, n_q,
+def _dkdv_block(dk, dv, k, v, Q, DO, LSE2, DELTA, stride_qn, stride_don, start_m, offs_n, offs_d, n_q,
                 band_lo, band_hi, qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, USE_TMA: tl.constexpr = False, b=0, h=0):
+                HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, USE_TMA: tl.constexpr = False, b=0, h=0,
+                CHECK_N: tl.constexpr = True):
     """Fold query block [start_m, start_m + BLOCK_M) into dK, dV of one key block (transposed: keys are rows).
+    LSE2: the base-2 LSE the dQ kernel stored. MASKED, CHECK_N (rows past n_q): as in ``_fwd_block``.
     USE_TMA: ``Q``/``DO`` are 4-D tensor descriptors (rows past n_q arrive as zeros)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q, b, h, start_m, n_q, stride_qn, offs_d, BLOCK_M, MASKED, USE_TMA)
-    do = _load_rows(DO, b, h, start_m, n_q, stride_don, offs_d, BLOCK_M, MASKED, USE_TMA)
-    lse2 = _load_lse2(LSE, offs_m, n_q)
-    delta = tl.load(DELTA + offs_m, mask=offs_m < n_q, other=0.0)
+    q = _load_rows(Q, b, h, start_m, n_q, stride_qn, offs_d, BLOCK_M, MASKED and CHECK_N, USE_TMA)
+    do = _load_rows(DO, b, h, start_m, n_q, stride_don, offs_d, BLOCK_M, MASKED and CHECK_N, USE_TMA)
+    if MASKED and CHECK_N:
+        lse2 = tl.load(LSE2 + offs_m, mask=offs_m < n_q, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=offs_m < n_q, other=0.0)
+    else:
+        lse2 = tl.load(LSE2 + offs_m)
+        delta = tl.load(DELTA + offs_m)
     p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # P^T, (BLOCK_N, BLOCK_M)
     if MASKED:
-        p_t = tl.where(_band_mask(offs_n, offs_m, n_q, band_lo, band_hi, HAS_LO, HAS_HI), p_t, 0.0)
+        p_t = tl.where(_band_mask(offs_n, offs_m, n_q, band_lo, band_hi, HAS_LO, HAS_HI, CHECK_N), p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv)
     dp_t = tl.dot(v, tl.trans(do))
     ds_t = p_t * (dp_t - delta[None, :])
@@ -346,19 +381,20 @@ def _dkdv_block(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qn, stride_don, start_m,
 
 
 @triton.jit(do_not_specialize=_DYNAMIC)
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_SPAN, ROW_IDX,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, COL_SPAN, ROW_IDX,
                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn,
                    stride_dvb, stride_dvh, stride_dvn,
                    H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale, sm_scale, n_bh, heads_per_chunk,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr = False,
-                   LAYOUT_BLOCK: tl.constexpr = 1):
+                   LAYOUT_BLOCK: tl.constexpr = 1, RAGGED: tl.constexpr = True):
     """1-D grid of key blocks x B * Hkv (order: ``_tile``; under a causal mask the first key blocks are heaviest).
     band_lo/band_hi bound ``i - j`` (query minus key): the forward's band seen from the keys' side. SPARSE: the
     query blocks that keep this key block's layout column c, ROW_IDX[COL_SPAN[2c]:COL_SPAN[2c + 1]] (the spans of
     the transposed layout), each LAYOUT_BLOCK // BLOCK_M steps of the loop. USE_TMA (dense): Q and DO are 4-D tensor
-    descriptors with blocks (1, 1, BLOCK_M, HEAD_DIM).
+    descriptors with blocks (1, 1, BLOCK_M, HEAD_DIM). Dense and not RAGGED (n_q a multiple of BLOCK_M): no query
+    bounds checks.
 
     GQA: every query head of the group adds to this K/V head. The (head, block) pairs are walked as ONE flat loop
     per kind of block: a loop over heads around the block loops made the compiler spill registers.
@@ -392,7 +428,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_SPAN, ROW_IDX,
             h = hk * GROUP + g
             q_src = _head_source(Q, b, h, stride_qb, stride_qh, USE_TMA)
             do_src = _head_source(DO, b, h, stride_dob, stride_doh, USE_TMA)
-            dk, dv = _dkdv_block(dk, dv, k, v, q_src, do_src, LSE + (b * H + h) * n_q, DELTA + (b * H + h) * n_q,
+            dk, dv = _dkdv_block(dk, dv, k, v, q_src, do_src, LSE2 + (b * H + h) * n_q, DELTA + (b * H + h) * n_q,
                                  stride_qn, stride_don, start_m, offs_n, offs_d, n_q, band_lo, band_hi, qk_scale,
                                  BLOCK_M, False, HAS_LO, HAS_HI, USE_TMA, b.to(tl.int32), h.to(tl.int32))
     for it in range(0, GROUP * n_masked):  # partly masked query blocks (dense: left of the full ones, then right)
@@ -405,10 +441,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_SPAN, ROW_IDX,
         h = hk * GROUP + g
         q_src = _head_source(Q, b, h, stride_qb, stride_qh, USE_TMA)
         do_src = _head_source(DO, b, h, stride_dob, stride_doh, USE_TMA)
-        dk, dv = _dkdv_block(dk, dv, k, v, q_src, do_src, LSE + (b * H + h) * n_q, DELTA + (b * H + h) * n_q,
+        dk, dv = _dkdv_block(dk, dv, k, v, q_src, do_src, LSE2 + (b * H + h) * n_q, DELTA + (b * H + h) * n_q,
                              stride_qn, stride_don, start_m, offs_n, offs_d, n_q, band_lo, band_hi, qk_scale, BLOCK_M,
                              True, HAS_LO and not SPARSE, HAS_HI and not SPARSE, USE_TMA, b.to(tl.int32),
-                             h.to(tl.int32))
+                             h.to(tl.int32), RAGGED or SPARSE)
     DK += b * stride_dkb + hk * stride_dkh
     DV += b * stride_dvb + hk * stride_dvh
     tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
@@ -597,7 +633,9 @@ def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None)
     row_span, col_idx = layout if layout is not None else (_no_layout(q.device),) * 2
 
     chunk = _heads_per_chunk(b * h, n_k, d * k.element_size(), layout is None and band_lo is None)
-    ragged_k = layout is not None and n_k % block != 0  # a layout's last key block is partial: bounds checks
+    # Sliding windows on an H200 (benchmarks/experiments/logs/ab_edges.json): both edges in one loop ran 2 to 5 %
+    # faster at D = 128 and 6 to 9 % slower at D = 64 than a loop per edge.
+    edges_in_one_loop = d > 64 and band_lo is not None
 
     def launch(cfg):
         grid = (triton.cdiv(n_q, cfg.block_m) * b * h,)
@@ -609,7 +647,8 @@ def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None)
                         h, h // n_kv, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E, b * h, chunk,
                         HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                         HAS_LO=band_lo is not None, HAS_HI=band_hi is not None, SPARSE=layout is not None,
-                        USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1, RAGGED=ragged_k,
+                        USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1, RAGGED=n_k % (block or cfg.block_n) != 0,
+                        WIDE_BAND=_wide_band(band_lo, band_hi, cfg), EDGES_IN_ONE_LOOP=edges_in_one_loop,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if layout is not None:
@@ -620,6 +659,11 @@ def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None)
     tma_ok = _tma_ok(q, k, v, o)
     launch(_pick_config("fwd", key + (tma_ok,), d, launch, tma_ok=tma_ok))
     return o, lse
+
+
+def _wide_band(band_lo, band_hi, cfg: KernelConfig) -> bool:
+    """The kernels' WIDE_BAND, ``band_hi - band_lo >= block_m + block_n``: left-edge tiles never check band_hi."""
+    return band_lo is not None and band_hi is not None and band_hi - band_lo >= cfg.block_m + cfg.block_n
 
 
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
@@ -662,6 +706,7 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
     n_kv, n_k = k.shape[1], k.shape[2]
     group = h // n_kv
     delta = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)  # written by the dQ kernel
+    lse2 = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)  # the same (base-2 LSE, +inf if no key)
     dq = torch.empty((b, h, n_q, d), device=q.device, dtype=q.dtype)
     dk = torch.empty((b, n_kv, n_k, d), device=q.device, dtype=k.dtype)
     dv = torch.empty((b, n_kv, n_k, d), device=q.device, dtype=v.dtype)
@@ -678,11 +723,12 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
         if cfg.tma:
             kt, vt = _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n)
         _attn_bwd_dq[(triton.cdiv(n_q, cfg.block_m) * b * h,)](
-            q, kt, vt, o, do, dq, lse, delta, row_span, col_idx, *_strides(q), *_strides(k), *_strides(v),
+            q, kt, vt, o, do, dq, lse, lse2, delta, row_span, col_idx, *_strides(q), *_strides(k), *_strides(v),
             *_strides(o), *_strides(do), *_strides(dq), h, group, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E,
             scale, b * h, dq_chunk,
             HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=has_lo, HAS_HI=has_hi, SPARSE=sparse,
-            USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1, RAGGED=n_k % cfg.block_n != 0,
+            WIDE_BAND=_wide_band(band_lo, band_hi, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     # Seen from the keys: query i may see key j  <=>  -band_hi <= i - j <= -band_lo.
     t_lo = None if band_hi is None else -band_hi
@@ -693,11 +739,11 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
         if cfg.tma:
             qt, dot = _descriptor(q, cfg.block_m), _descriptor(do, cfg.block_m)
         _attn_bwd_dkdv[(triton.cdiv(n_k, cfg.block_n) * b * n_kv,)](
-            qt, k, v, dot, dk, dv, lse, delta, col_span, row_idx, *_strides(q), *_strides(k), *_strides(v),
+            qt, k, v, dot, dk, dv, lse2, delta, col_span, row_idx, *_strides(q), *_strides(k), *_strides(v),
             *_strides(do), *_strides(dk), *_strides(dv), h, group, n_q, n_k, t_lo or 0, t_hi or 0, scale * LOG2E,
             scale, b * n_kv, dkdv_chunk, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=t_lo is not None,
             HAS_HI=t_hi is not None, SPARSE=sparse, USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            RAGGED=n_q % cfg.block_m != 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if sparse:
         key = (d, str(q.dtype), "layout", block, _pow2(n_q), _pow2(n_k), group > 1)
