@@ -1,0 +1,126 @@
+"""A/B: two versions of ``dldna/kernels/flash_triton.py`` timed in one process, on the same inputs and configs.
+
+The baseline is a copy of the module from another commit; the candidate is the working tree's. Each row is timed
+for both versions on the config that won that row in ``results/flash_attention_bench.json`` (so nothing is
+tuned), in alternating order over ``--rounds`` rounds, beside FlexAttention (windows) or cuDNN (causal). Both
+versions' outputs and q/k/v gradients are compared with each other: a change that only drops checks that cannot
+fail must give the same numbers bit for bit. ``--extra`` adds forward configs to time on the candidate.
+
+    git show 64b8023:dldna/kernels/flash_triton.py > /tmp/flash_triton_base.py
+    PYTHONPATH=$PWD python benchmarks/experiments/ab_kernels.py --baseline /tmp/flash_triton_base.py --out ab.json
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.getcwd())
+from benchmarks.attention import allowed_pairs, make_fns, problem  # noqa: E402
+from dldna.kernels import report  # noqa: E402
+
+fa = importlib.import_module("dldna.kernels.flash_attention")  # the module (the package exports its function)
+
+ROWS = [("window", 64, 4096), ("window", 64, 16384), ("window", 64, 65536), ("window", 128, 4096),
+        ("window", 128, 16384), ("window", 128, 65536), ("causal", 64, 4096), ("causal", 128, 16384)]
+
+
+def load_module(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def force_winners(module, record, mask, d, n):
+    """Force ``module``'s three kernels onto the configs that won this row in the stored run."""
+    module.restore_tuning()
+    for kernel, cfg in report.tuned_configs(record, mask, d, n).items():
+        module.force_config(kernel, module.KernelConfig(**cfg))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", required=True, help="path of the baseline flash_triton.py")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--extra", nargs="*", default=[], help="forward configs block_m,block_n,warps,stages,tma")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch._dynamo.config.cache_size_limit = 64  # one compiled FlexAttention per row and grad mode, as in attention.py
+    torch._dynamo.config.accumulated_cache_size_limit = 512
+    versions = {"base": load_module(args.baseline, "flash_triton_base"), "new": fa._kernels}
+    extra = [fa._kernels.KernelConfig(*map(int, c.split(",")[:4]), tma=c.split(",")[4] == "1") for c in args.extra]
+    record = json.load(open("results/flash_attention_bench.json"))
+    rows, start = [], time.time()
+    for mask, d, n in ROWS:
+        b, h = problem(n, d)
+        gen = torch.Generator(device="cuda").manual_seed(n + d)
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+                   for _ in range(3))
+        grad = torch.randn_like(q)
+        fns = make_fns(mask, d, n, q, k, v)
+        peer = "flex" if mask == "window" else "sdpa_cudnn"
+
+        def time_fwd(fn):
+            def run():
+                with torch.no_grad():
+                    return fn()
+            return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+
+        def time_fwd_bwd(fn):
+            return triton.testing.do_bench(lambda: fn().backward(grad), warmup=25, rep=100, grad_to_none=[q, k, v],
+                                           return_mode="median")
+
+        def use(name):
+            fa._kernels = versions[name]
+            force_winners(versions[name], record, mask, d, n)
+
+        def outputs():
+            for t in (q, k, v):
+                t.grad = None
+            out = fns["dldna"]()
+            out.backward(grad)
+            return [out.detach().clone()] + [t.grad.clone() for t in (q, k, v)]
+
+        results = {}
+        for name in versions:
+            use(name)
+            results[name] = outputs()
+        row = {"mask": mask, "d": d, "n": n, "flops_fwd": 4.0 * d * b * h * allowed_pairs(n, mask),
+               "max_abs_diff": max((x.float() - y.float()).abs().max().item()
+                                   for x, y in zip(results["base"], results["new"]))}
+        time_fwd(fns["dldna"])  # heat the GPU to its steady clock
+        for r in range(args.rounds):
+            for name in (("base", "new") if r % 2 == 0 else ("new", "base")):
+                use(name)
+                row.setdefault(f"{name}_fwd", []).append(time_fwd(fns["dldna"]))
+                row.setdefault(f"{name}_fwdbwd", []).append(time_fwd_bwd(fns["dldna"]))
+            row.setdefault(f"{peer}_fwd", []).append(time_fwd(fns[peer]))
+            row.setdefault(f"{peer}_fwdbwd", []).append(time_fwd_bwd(fns[peer]))
+        use("new")
+        for cfg in extra:
+            fa._kernels.force_config("fwd", cfg)
+            try:
+                row[f"new_fwd {cfg}"] = time_fwd(fns["dldna"])
+            except Exception as err:  # out of resources for this tile shape
+                row[f"new_fwd {cfg}"] = repr(err)[:200]
+        fa._kernels.restore_tuning()
+        summary = {key: (round(min(val), 4) if isinstance(val, list) else val) for key, val in row.items()}
+        print(f"[{time.time() - start:6.1f}s]", json.dumps(summary), flush=True)
+        rows.append(row)
+        if args.out:  # after every row: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                           "torch": torch.__version__, "triton": triton.__version__, "command": " ".join(sys.argv),
+                           "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
