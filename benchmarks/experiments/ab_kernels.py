@@ -4,7 +4,8 @@ The baseline is a copy of the module from another commit; the candidate is the w
 for both versions on the config that won that row in ``results/flash_attention_bench.json`` (so nothing is
 tuned), in alternating order over ``--rounds`` rounds, beside FlexAttention (windows) or cuDNN (causal). Both
 versions' outputs and q/k/v gradients are compared with each other: a change that only drops checks that cannot
-fail must give the same numbers bit for bit. ``--extra`` adds forward configs to time on the candidate.
+fail must give the same numbers bit for bit. ``--extra`` adds forward configs to time on the candidate. The JSON
+keeps every round's ``do_bench`` median; the printed line (and the experiments README) gives the fastest round.
 
     git show 64b8023:dldna/kernels/flash_triton.py > /tmp/flash_triton_base.py
     PYTHONPATH=$PWD python benchmarks/experiments/ab_kernels.py --baseline /tmp/flash_triton_base.py --out ab.json
@@ -32,6 +33,7 @@ ROWS = [("window", 64, 4096), ("window", 64, 16384), ("window", 64, 65536), ("wi
 
 
 def load_module(path: str, name: str):
+    """Import the file at ``path`` as module ``name`` (a second copy of flash_triton beside the package's)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
