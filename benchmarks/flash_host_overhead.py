@@ -4,14 +4,17 @@ Wall time of 200 forward calls (100 forward+backward calls, with ``.sum().backwa
 after warm-up, at B=1, H=2, N=128, bf16, causal (and a causal window of 64 for dldna). What it shows: how much of a
 call is the Python and launch work on the host, which ``do_bench`` hides only up to the length of its L2 flush.
 
-    python benchmarks/flash_host_overhead.py      # on a GPU; prints one line per implementation and pass
+    python benchmarks/flash_host_overhead.py --out-dir results   # on a GPU; -> flash_host_overhead.json
 """
+import argparse
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 from dldna.kernels import flash_attention
+from dldna.results import save_result
 
 
 def per_call_us(fn, warmup: int, calls: int) -> float:
@@ -27,6 +30,10 @@ def per_call_us(fn, warmup: int, calls: int) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default=None, help="save flash_host_overhead.json there (default: print only)")
+    args = parser.parse_args()
+    rows = []
     for d in (64, 128):
         q, k, v = (torch.randn(1, 2, 128, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
@@ -34,8 +41,14 @@ def main() -> None:
                "dldna_window": lambda: flash_attention(q, k, v, causal=True, window=64),
                "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
         for name, fn in fns.items():
-            print(d, name, "fwd us/call", round(per_call_us(fn, 20, 200), 1))
-            print(d, name, "fwd+bwd us/call", round(per_call_us(lambda: fn().sum().backward(), 5, 100), 1))
+            for what, call, warmup, calls in (("fwd us/call", fn, 20, 200),
+                                              ("fwd+bwd us/call", lambda: fn().sum().backward(), 5, 100)):
+                rows.append({"head_dim": d, "impl": name, "what": what,
+                             "us_per_call": round(per_call_us(call, warmup, calls), 1)})
+                print(*rows[-1].values())
+    if args.out_dir:
+        command = "python benchmarks/flash_host_overhead.py " + " ".join(sys.argv[1:])
+        print(save_result("flash_host_overhead", {"rows": rows}, command, out_dir=args.out_dir))
 
 
 if __name__ == "__main__":
