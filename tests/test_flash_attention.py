@@ -514,3 +514,29 @@ def test_flex_block_mask_equals_create_block_mask(name):
         torch.testing.assert_close(flex_attention(q, k, v, block_mask=ours), flex_attention(q, k, v, block_mask=theirs))
     with pytest.raises(ValueError, match="block_size"):
         flex_block_mask(mask_mod, 100, block_size=16)
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """The window configs the H200 picked compile for sm_90a (``benchmarks/flash_compile_report.py``, which also
+    checks that the report's kernel signatures follow the kernels'): warpgroup MMA, no mma.sync, no spills."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json\n"
+        "from benchmarks.flash_compile_report import compile_one\n"
+        "from dldna.kernels import flash_triton as ft\n"
+        "cases = [(ft._attn_fwd, ft.KernelConfig(64, 64, 4, 2, tma=True), (True, True)),\n"
+        "         (ft._attn_bwd_dq, ft.KernelConfig(64, 64, 4, 3, tma=True), (True, True)),\n"
+        "         (ft._attn_bwd_dkdv, ft.KernelConfig(64, 64, 4, 3), (True, True))]\n"
+        "print(json.dumps([compile_one(fn, 'bf16', 64, cfg, flags) for fn, cfg, flags in cases]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    for row in rows:
+        assert row["wgmma"] > 0 and row["mma_sync"] == 0, row
+        assert row["spill_store_bytes"] == 0 and row["registers"] <= 255, row
