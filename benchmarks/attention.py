@@ -156,9 +156,24 @@ def compile_jobs(all_cases):
     return [("ours", job) for job in ours] + [("peers", case) for case in all_cases]
 
 
-def time_case(case, deadline, rep_ms, log, warmup_ms=25.0, gpu=None):
+def time_pass(fn, pass_name: str, grad, inputs, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
+    """Median ms of one row: ``fn()`` without autograd (``"fwd"``) or ``fn().backward(grad)`` (``"fwd+bwd"``), timed
+    by ``do_bench`` with the gradients of ``inputs`` cleared before every call."""
     import triton
 
+    if pass_name == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn()
+    elif pass_name == "fwd+bwd":
+        def run():
+            fn().backward(grad)
+    else:
+        raise ValueError(f"pass_name must be 'fwd' or 'fwd+bwd', got {pass_name!r}")
+    return triton.testing.do_bench(run, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(inputs), return_mode="median")
+
+
+def time_case(case, deadline, rep_ms, log, warmup_ms=25.0, gpu=None):
     from dldna.kernels import flash_triton as ft
 
     mask, d, n = case
@@ -179,15 +194,7 @@ def time_case(case, deadline, rep_ms, log, warmup_ms=25.0, gpu=None):
                 continue
             t0 = time.time()
             try:
-                if pass_name == "fwd":
-                    def run(fn=fn):
-                        with torch.no_grad():
-                            return fn()
-                else:
-                    def run(fn=fn):
-                        fn().backward(grad)
-                ms = triton.testing.do_bench(run, warmup=warmup_ms, rep=rep_ms, grad_to_none=[q, k, v],
-                                             return_mode="median")
+                ms = time_pass(fn, pass_name, grad, (q, k, v), warmup_ms, rep_ms)
                 row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
                 if gpu is not None:
                     row.update(gpu.between(t0, time.time()))

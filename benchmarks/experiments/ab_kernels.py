@@ -23,7 +23,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.getcwd())
-from benchmarks.attention import allowed_pairs, make_fns, problem  # noqa: E402
+from benchmarks.attention import allowed_pairs, make_fns, problem, time_pass  # noqa: E402
 from dldna.kernels import report  # noqa: E402
 
 fa = importlib.import_module("dldna.kernels.flash_attention")  # the module (the package exports its function)
@@ -48,8 +48,7 @@ def force_winners(module, record, mask, d, n):
     if mask == "bigbird":
         for kernel in ("fwd", "dq", "dkdv"):
             module.force_config(kernel, module.KernelConfig(64, 64, 4, 3))
-    for kernel, cfg in report.tuned_configs(record, mask, d, n).items():
-        module.force_config(kernel, module.KernelConfig(**cfg))
+    report.force_tuned_configs(record, mask, d, n, kernels=module)
 
 
 def main():
@@ -78,14 +77,10 @@ def main():
         peer = "sdpa_cudnn" if mask == "causal" else "flex"
 
         def time_fwd(fn):
-            def run():
-                with torch.no_grad():
-                    return fn()
-            return triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+            return time_pass(fn, "fwd", grad, (q, k, v))
 
         def time_fwd_bwd(fn):
-            return triton.testing.do_bench(lambda: fn().backward(grad), warmup=25, rep=100, grad_to_none=[q, k, v],
-                                           return_mode="median")
+            return time_pass(fn, "fwd+bwd", grad, (q, k, v))
 
         def use(name):
             fa._kernels = versions[name]

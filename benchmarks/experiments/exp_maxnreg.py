@@ -13,10 +13,9 @@ import os
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, os.getcwd())
-from benchmarks.attention import allowed_pairs, make_fns, problem  # noqa: E402
+from benchmarks.attention import allowed_pairs, make_fns, problem, time_pass  # noqa: E402
 from dldna.kernels import flash_triton as ft  # noqa: E402
 from dldna.kernels import report  # noqa: E402
 
@@ -58,18 +57,11 @@ def main():
         fns = make_fns(mask, d, n, q, k, v)
         peer = "flex" if mask == "window" else "sdpa_cudnn"
 
-        def forward(fn):
-            def run():
-                with torch.no_grad():
-                    return fn()
-            return run
-
         def time_fwd(fn):
-            return triton.testing.do_bench(forward(fn), warmup=25, rep=100, return_mode="median")
+            return time_pass(fn, "fwd", grad, (q, k, v))
 
         def time_fwd_bwd(fn):
-            return triton.testing.do_bench(lambda: fn().backward(grad), warmup=25, rep=100, grad_to_none=[q, k, v],
-                                           return_mode="median")
+            return time_pass(fn, "fwd+bwd", grad, (q, k, v))
 
         def outputs():
             for t in (q, k, v):

@@ -101,13 +101,16 @@ def tuned_configs(record: dict, mask: str, head_dim: int, n: int) -> dict[str, d
     return picked
 
 
-def force_tuned_configs(record: dict, mask: str, head_dim: int, n: int) -> None:
+def force_tuned_configs(record: dict, mask: str, head_dim: int, n: int, kernels=None) -> None:
     """Force each of dldna's kernels to the config the stored run picked for this case (``tuned_configs``), so a
-    later script runs the benchmark's kernels without tuning (and compiling) every candidate. Needs triton."""
-    from dldna.kernels import flash_triton
+    later script runs the benchmark's kernels without tuning (and compiling) every candidate. ``kernels``: the
+    ``flash_triton`` module to set (default: the package's; another copy, e.g. an older version under test).
+    Needs triton."""
+    if kernels is None:
+        from dldna.kernels import flash_triton as kernels
 
     for kernel, fields in tuned_configs(record, mask, head_dim, n).items():
-        flash_triton.force_config(kernel, flash_triton.KernelConfig(**fields))
+        kernels.force_config(kernel, kernels.KernelConfig(**fields))
 
 
 def plot_benchmark(record: dict, passes=("fwd", "fwd+bwd")):
