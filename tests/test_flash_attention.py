@@ -389,6 +389,8 @@ def test_peer_speedups_and_kernel_times_read_the_stored_fields():
     assert kernel_times(record, "window", 128, 16384) == {"fwd": 12.0, "dq": 13.0}
     assert kernel_times(record, "causal", 64, 16384) == {"dkdv": 9.0}
     assert kernel_times(record, "causal", 128, 4096) == {}
+    with pytest.raises(ValueError, match="mask"):  # a layout row must not read the causal row's entries
+        kernel_times(record, "bigbird", 128, 16384)
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -396,7 +398,6 @@ def test_backward_gets_no_zero_gradient_for_the_unused_lse(sparse, monkeypatch):
     """The log-sum-exp output is not differentiable; autograd must not materialise a zero gradient for it (on the
     GPU that was one extra fill kernel per backward, seen in the Nsight Compute profile)."""
     _triton_kernels()
-    from dldna.kernels import block_sparse_flash_attention, flash_attention
     module = importlib.import_module("dldna.kernels.flash_attention")  # the package re-exports the function
     function = module._BlockSparseFlashAttention if sparse else module._FlashAttention
     backward, seen = function.backward, []

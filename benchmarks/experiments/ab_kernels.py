@@ -48,7 +48,8 @@ def force_winners(module, record, mask, d, n):
     if mask == "bigbird":
         for kernel in ("fwd", "dq", "dkdv"):
             module.force_config(kernel, module.KernelConfig(64, 64, 4, 3))
-    report.force_tuned_configs(record, mask, d, n, kernels=module)
+    else:
+        report.force_tuned_configs(record, mask, d, n, kernels=module)
 
 
 def main():

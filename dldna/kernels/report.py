@@ -65,6 +65,8 @@ def peer_speedups(record: dict) -> str:
 
 def _tuning_entries(record: dict, mask: str, head_dim: int, n: int):
     """The autotuner's log entries (one per kernel) of one dense benchmark case stored with the run."""
+    if mask not in ("full", "causal", "window"):  # a block layout's entries are keyed by the layout, not the mask
+        raise ValueError(f"mask must be 'full', 'causal' or 'window' (the dense cases), got {mask!r}")
     causal = mask != "full"
     for entry in record["data"].get("tuning", []):
         if "times_ms" not in entry:
