@@ -47,12 +47,12 @@ def _signature(fn, dtype: str, constexprs: dict, ints_not_div16: set[str], float
 
 def compile_one(fn, dtype, head_dim, cfg, flags):
     kind = fn.__name__
-    window = flags[0] and flags[1]
-    # As the benchmark launches them: lengths of whole tiles (RAGGED off), a 1024-token window (WIDE_BAND) and, at
-    # head_dim > 64, both window edges in one forward loop; every other constexpr keeps its default.
+    # As the benchmark launches them: lengths of whole tiles (RAGGED off) and, with both band limits, its causal
+    # window of 1024 keys (band -1023 .. 0); every other constexpr keeps its default.
+    band_lo, band_hi = (-1023 if flags[0] else None), (0 if flags[1] else None)
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=flags[0], HAS_HI=flags[1],
-                      SPARSE=False, USE_TMA=cfg.tma, RAGGED=False, WIDE_BAND=window,
-                      EDGES_IN_ONE_LOOP=window and head_dim > 64)
+                      SPARSE=False, USE_TMA=cfg.tma, RAGGED=False, WIDE_BAND=ft._wide_band(band_lo, band_hi, cfg),
+                      EDGES_IN_ONE_LOOP=ft._edges_in_one_loop(head_dim, band_lo))
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     constexprs.update({p.name: p.default for p in fn.params if p.is_constexpr and p.name not in constexprs})
     floats = {"qk_scale", "sm_scale"}

@@ -635,9 +635,7 @@ def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None)
     row_span, col_idx = layout if layout is not None else (_no_layout(q.device),) * 2
 
     chunk = _heads_per_chunk(b * h, n_k, d * k.element_size(), layout is None and band_lo is None)
-    # Sliding windows on an H200 (benchmarks/experiments/logs/ab_edges.json): both edges in one loop ran 2 to 5 %
-    # faster at D = 128 and 6 to 9 % slower at D = 64 than a loop per edge.
-    edges_in_one_loop = d > 64 and band_lo is not None
+    edges_in_one_loop = _edges_in_one_loop(d, band_lo)
 
     def launch(cfg):
         grid = (triton.cdiv(n_q, cfg.block_m) * b * h,)
@@ -661,6 +659,12 @@ def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None)
     tma_ok = _tma_ok(q, k, v, o)
     launch(_pick_config("fwd", key + (tma_ok,), d, launch, tma_ok=tma_ok))
     return o, lse
+
+
+def _edges_in_one_loop(head_dim: int, band_lo) -> bool:
+    """The forward's EDGES_IN_ONE_LOOP. Sliding windows on an H200 (benchmarks/experiments/logs/ab_edges.json): both
+    edges in one loop ran 2 to 5 % faster at D = 128 and 6 to 9 % slower at D = 64 than a loop per edge."""
+    return head_dim > 64 and band_lo is not None
 
 
 def _wide_band(band_lo, band_hi, cfg: KernelConfig) -> bool:
