@@ -51,6 +51,11 @@ KEEP = ("gpu__time_duration.sum", "gpc__cycles_elapsed.avg.per_second",
         "smsp__average_warp_latency_per_inst_issued.ratio", "smsp__average_warps_issue_stalled_")
 
 
+def _run_name(mask: str, d: int, n: int, pass_name: str, impl: str) -> str:
+    """The stem of one run's CSV file."""
+    return f"{mask}_d{d}_n{n}_{pass_name}_{impl}"
+
+
 def run_case(mask: str, d: int, n: int, pass_name: str, impl: str) -> None:
     """Compile (and for peers, tune), then profile one call: the forward, or the backward of a forward made outside
     the profiled range. dldna's kernels run the configs of the stored benchmark run."""
@@ -91,7 +96,7 @@ def profile(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     for mask, d, n, pass_name, impl in RUNS:
-        name = f"{mask}_d{d}_n{n}_{pass_name}_{impl}"
+        name = _run_name(mask, d, n, pass_name, impl)
         cmd = ["ncu", "--profile-from-start", "off", "--page", "raw", "--csv"]
         for section in SECTIONS:
             cmd += ["--section", section]
@@ -122,8 +127,7 @@ def summarize(csv_dir: Path, out_dir: Path | None) -> Path:
 
     runs = []
     for mask, d, n, pass_name, impl in RUNS:
-        name = f"{mask}_d{d}_n{n}_{pass_name}_{impl}"
-        path = csv_dir / f"{name}.csv"
+        path = csv_dir / f"{_run_name(mask, d, n, pass_name, impl)}.csv"
         kernels = []
         for row in _raw_rows(path.read_text()) if path.exists() else []:
             metrics = {key: _number(val) for key, val in row.items() if key and key.startswith(KEEP)}
