@@ -116,7 +116,7 @@ def main():
 
         data = {"target": "sm_90a (H100/H200), compiled without a GPU", "flags": args.flags, "dtype": args.dtype,
                 "rows": rows}
-        command = "python benchmarks/flash_compile_report.py " + " ".join(sys.argv[1:])
+        command = " ".join(["python benchmarks/flash_compile_report.py"] + sys.argv[1:])
         print(save_result("flash_compile_report", data, command, out_dir=args.out_dir))
 
 
