@@ -45,14 +45,16 @@ def _signature(fn, dtype: str, constexprs: dict, ints_not_div16: set[str], float
     return sig, attrs
 
 
-def compile_one(fn, dtype, head_dim, cfg, flags):
+def compile_one(fn, dtype, head_dim, cfg, flags, kernels=ft, sass=False):
+    """Compile kernel ``fn`` for sm_90a; registers, spills, shared memory and MMA instructions of the result (and
+    its SASS as ``info["sass"]`` if ``sass``). ``kernels``: the flash_triton module whose launch rules apply."""
     kind = fn.__name__
     # As the benchmark launches them: lengths of whole tiles (RAGGED off) and, with both band limits, its causal
     # window of 1024 keys (band -1023 .. 0); every other constexpr keeps its default.
     band_lo, band_hi = (-1023 if flags[0] else None), (0 if flags[1] else None)
     constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=flags[0], HAS_HI=flags[1],
-                      SPARSE=False, USE_TMA=cfg.tma, RAGGED=False, WIDE_BAND=ft._wide_band(band_lo, band_hi, cfg),
-                      EDGES_IN_ONE_LOOP=ft._edges_in_one_loop(head_dim, band_lo))
+                      SPARSE=False, USE_TMA=cfg.tma, RAGGED=False, WIDE_BAND=kernels._wide_band(band_lo, band_hi, cfg),
+                      EDGES_IN_ONE_LOOP=kernels._edges_in_one_loop(head_dim, band_lo))
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     constexprs.update({p.name: p.default for p in fn.params if p.is_constexpr and p.name not in constexprs})
     floats = {"qk_scale", "sm_scale"}
@@ -71,13 +73,16 @@ def compile_one(fn, dtype, head_dim, cfg, flags):
     info = {"kernel": kind, "dtype": dtype, "head_dim": head_dim, "config": repr(cfg), "flags": flags,
             "shared_bytes": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
             "mma_sync": ptx.count("mma.sync")}
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
+        path, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(path, "w") as f:
             f.write(ptx)
-        res = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+        res = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", path, "-o", cubin],
                              capture_output=True, text=True)
+        if sass:
+            info["sass"] = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin], capture_output=True,
+                                          text=True, check=True).stdout
     log = res.stderr + res.stdout
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)

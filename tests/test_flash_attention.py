@@ -519,7 +519,8 @@ def test_flex_block_mask_equals_create_block_mask(name):
 
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The window configs the H200 picked compile for sm_90a (``benchmarks/flash_compile_report.py``, which also
-    checks that the report's kernel signatures follow the kernels'): warpgroup MMA, no mma.sync, no spills."""
+    checks that the report's kernel signatures follow the kernels'): warpgroup MMA, no mma.sync, no spills, and the
+    loops over tiles that ``benchmarks/experiments/sass_loops.py`` counts."""
     import json
     import subprocess
     import sys
@@ -531,13 +532,21 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         "cases = [(ft._attn_fwd, ft.KernelConfig(64, 64, 4, 2, tma=True), (True, True)),\n"
         "         (ft._attn_bwd_dq, ft.KernelConfig(64, 64, 4, 3, tma=True), (True, True)),\n"
         "         (ft._attn_bwd_dkdv, ft.KernelConfig(64, 64, 4, 3), (True, True))]\n"
-        "print(json.dumps([compile_one(fn, 'bf16', 64, cfg, flags) for fn, cfg, flags in cases]))\n"
+        "rows = [compile_one(fn, 'bf16', 64, cfg, flags, sass=True) for fn, cfg, flags in cases]\n"
+        "from benchmarks.experiments.sass_loops import tile_loops\n"
+        "loops = [[size for size, _ in tile_loops(row.pop('sass'))] for row in rows]\n"
+        "print(json.dumps([rows, loops]))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    rows, loops = json.loads(result.stdout.strip().splitlines()[-1])
     for row in rows:
         assert row["wgmma"] > 0 and row["mma_sync"] == 0, row
         assert row["spill_store_bytes"] == 0 and row["registers"] <= 255, row
+    # The SASS shows the loops of the source: the forward's window edge, full tiles and diagonal (a full tile checks
+    # nothing, so it is the shortest), and dK/dV's full then masked tiles.
+    fwd, _, dkdv = loops
+    assert len(fwd) == 3 and fwd[1] < min(fwd[0], fwd[2]), loops
+    assert len(dkdv) == 2 and dkdv[0] < dkdv[1], loops

@@ -27,18 +27,29 @@ from dldna.kernels import block_sparse_flash_attention  # noqa: E402
 fa = importlib.import_module("dldna.kernels.flash_attention")
 
 
-def loop_sizes(sass: str) -> list[tuple[int, dict]]:
-    """(instructions, the most common opcodes) of every loop: the code from a backward branch's target to it."""
+def loops(sass: str) -> list[tuple[int, int, list[str]]]:
+    """``(first address, last address, instructions)`` of every loop in ``sass`` (``cuobjdump -sass`` text): the
+    code from a backward branch's target to the branch, in the order of the branches."""
     code = [(int(a, 16), text.strip()) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     index = {addr: i for i, (addr, _) in enumerate(code)}
-    loops = []
+    found = []
     for i, (addr, text) in enumerate(code):
         branch = re.search(r"BRA\s+(?:\S+\s+)?0x([0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < addr and int(branch.group(1), 16) in index:
-            body = code[index[int(branch.group(1), 16)]: i + 1]
-            ops = collections.Counter(t.split()[1 if t.startswith("@") else 0].split(".")[0] for _, t in body)
-            loops.append((len(body), dict(ops.most_common(8))))
-    return loops
+            start = int(branch.group(1), 16)
+            found.append((start, addr, [t for _, t in code[index[start]: i + 1]]))
+    return found
+
+
+def opcode_counts(body: list[str], top: int = 8) -> dict[str, int]:
+    """The ``top`` most common opcodes of a list of SASS instructions (predicates and modifiers dropped)."""
+    ops = collections.Counter(t.split()[1 if t.startswith("@") else 0].split(".")[0] for t in body)
+    return dict(ops.most_common(top))
+
+
+def loop_sizes(sass: str) -> list[tuple[int, dict]]:
+    """(instructions, the most common opcodes) of every loop: the code from a backward branch's target to it."""
+    return [(len(body), opcode_counts(body)) for _, _, body in loops(sass)]
 
 
 def main():
