@@ -23,7 +23,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.getcwd())
-from benchmarks.attention import allowed_pairs, make_fns, problem, time_pass  # noqa: E402
+from benchmarks.attention import _inputs, allowed_pairs, make_fns, problem, time_pass  # noqa: E402
 from dldna.kernels import report  # noqa: E402
 
 fa = importlib.import_module("dldna.kernels.flash_attention")  # the module (the package exports its function)
@@ -70,9 +70,7 @@ def main():
     rows_to_time = [(m, int(d), int(n)) for m, d, n in (r.split(":") for r in args.rows)] if args.rows else ROWS
     for mask, d, n in rows_to_time:
         b, h = problem(n, d)
-        gen = torch.Generator(device="cuda").manual_seed(n + d)
-        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
-                   for _ in range(3))
+        q, k, v = _inputs(d, n, seed=n + d)
         grad = torch.randn_like(q)
         fns = make_fns(mask, d, n, q, k, v)
         peer = "sdpa_cudnn" if mask == "causal" else "flex"

@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.getcwd())
-from benchmarks.attention import allowed_pairs, make_fns, problem, time_pass  # noqa: E402
+from benchmarks.attention import _inputs, allowed_pairs, make_fns, problem, time_pass  # noqa: E402
 from dldna.kernels import flash_triton as ft  # noqa: E402
 from dldna.kernels import report  # noqa: E402
 
@@ -48,9 +48,7 @@ def main():
     rows = []
     for mask, d, n in [("window", 64, 4096), ("window", 64, 16384), ("window", 64, 65536), ("causal", 64, 4096)]:
         b, h = problem(n, d)
-        gen = torch.Generator(device="cuda").manual_seed(n + d)
-        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
-                   for _ in range(3))
+        q, k, v = _inputs(d, n, seed=n + d)
         grad = torch.randn_like(q)
         ft.restore_tuning()
         report.force_tuned_configs(record, mask, d, n)

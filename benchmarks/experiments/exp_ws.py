@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.getcwd())
-from benchmarks.attention import WINDOW, allowed_pairs, make_fns, problem  # noqa: E402
+from benchmarks.attention import WINDOW, _inputs, allowed_pairs, make_fns, problem  # noqa: E402
 from dldna.kernels import flash_triton as ft  # noqa: E402
 from dldna.kernels import report  # noqa: E402
 from dldna.kernels.flash_triton import _softmax_step  # noqa: E402
@@ -152,8 +152,7 @@ def main():
     results = {"check": check(), "rows": []}
     for mask, d, n in CASES:
         b, h = problem(n, d)
-        gen = torch.Generator(device="cuda").manual_seed(n + d)
-        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+        q, k, v = _inputs(d, n, seed=n + d)  # (they require grad; every call below runs under no_grad)
         window = WINDOW if mask == "window" else None
         flops = 4.0 * d * b * h * allowed_pairs(n, mask)
         ft.restore_tuning()
