@@ -5,8 +5,11 @@ after warm-up, at B=1, H=2, N=128, bf16, causal (and a causal window of 64 for d
 call is the Python and launch work on the host, which ``do_bench`` hides only up to the length of its L2 flush.
 
     python benchmarks/flash_host_overhead.py --out-dir results   # on a GPU; -> flash_host_overhead.json
+    python benchmarks/flash_host_overhead.py --profile 25         # where the host time goes (cProfile, top 25)
 """
 import argparse
+import cProfile
+import pstats
 import sys
 import time
 
@@ -32,6 +35,8 @@ def per_call_us(fn, warmup: int, calls: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=None, help="save flash_host_overhead.json there (default: print only)")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="also print the TOP functions by own time of dldna's fwd and fwd+bwd calls (cProfile)")
     args = parser.parse_args()
     rows = []
     for d in (64, 128):
@@ -46,6 +51,11 @@ def main() -> None:
                 rows.append({"head_dim": d, "impl": name, "what": what,
                              "us_per_call": round(per_call_us(call, warmup, calls), 1)})
                 print(*rows[-1].values())
+                if args.profile and name == "dldna":
+                    profiler = cProfile.Profile()
+                    profiler.runcall(per_call_us, call, 0, calls)
+                    print(f"--- cProfile of {calls} calls, D={d}, {what}")
+                    pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
     if args.out_dir:
         command = "python benchmarks/flash_host_overhead.py " + " ".join(sys.argv[1:])
         print(save_result("flash_host_overhead", {"rows": rows}, command, out_dir=args.out_dir))

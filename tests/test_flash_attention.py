@@ -225,6 +225,24 @@ def test_triton_kernels_through_tensor_descriptors(tma_kernels):
             ft.force_config(kernel, None)
 
 
+@pytest.mark.parametrize("block_m, block_n", [(16, 32), (32, 16)])
+@pytest.mark.parametrize("window", [None, 20])
+def test_triton_kernels_with_tiles_longer_than_wide_and_wider_than_long(block_m, block_n, window):
+    """Tiles of unequal sides (the H200 tuner tries 64 x 128 forward and 128 x 32 dQ tiles, among others): the
+    block ranges of the causal diagonal and of the window's left edge still cover exactly the allowed keys."""
+    _, ft = _triton_kernels()
+    q, k, v, grad = _inputs(1, 2, 1, 61, 61, 16, torch.float32, seed=block_m + block_n + (window or 0))
+    for kernel in ("fwd", "dq", "dkdv"):
+        ft.force_config(kernel, ft.KernelConfig(block_m, block_n, 4, 1, tma=kernel == "fwd"))
+    try:
+        def fn(q, k, v):
+            return flash_attention(q, k, v, causal=True, window=window, return_lse=True, backend="triton")
+
+        _check_against_reference(fn, q, k, v, grad, _mask(61, 61, True, window), BOUNDS[torch.float32])
+    finally:
+        ft.restore_tuning()
+
+
 def test_each_config_forces_one_kernel_at_a_time_and_restores_tuning():
     _, ft = _triton_kernels()
     a, b = ft.KernelConfig(16, 16, 4, 1), ft.KernelConfig(32, 32, 4, 1)

@@ -35,13 +35,12 @@ _DYNAMIC = ["H", "GROUP", "n_q", "n_k", "band_lo", "band_hi", "n_bh", "heads_per
 def _band_mask(rows, cols, n_cols, band_lo, band_hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
                CHECK_N: tl.constexpr = True):
     """True where ``band_lo <= col - row`` (if HAS_LO), ``col - row <= band_hi`` (if HAS_HI) and ``col < n_cols``
-    (if CHECK_N); shape (rows, cols). Each check left out saves two or three instructions per score."""
+    (if CHECK_N); shape (rows, cols). Each check left out saves a compare per score."""
     keep = (cols[None, :] < n_cols) | (not CHECK_N)  # the compiler folds this to True when CHECK_N is off
-    diff = cols[None, :] - rows[:, None]
-    if HAS_LO:
-        keep = keep & (diff >= band_lo)
+    if HAS_LO:  # against per-row limits: one compare per score, no subtraction
+        keep = keep & (cols[None, :] >= (rows + band_lo)[:, None])
     if HAS_HI:
-        keep = keep & (diff <= band_hi)
+        keep = keep & (cols[None, :] <= (rows + band_hi)[:, None])
     return keep
 
 
@@ -128,14 +127,10 @@ def _softmax_step(qk, acc, l_i, m_i, offs_m, offs_n, n_k, band_lo, band_hi, qk_s
     ``m_i`` and sum ``l_i``, and rescale ``acc`` to the new max. Returns ``(p, acc, l_i, m_new)``, with ``p`` the
     block's unnormalised probabilities (base 2) that multiply V next. MASKED: scores that ``_band_mask`` rejects
     are -inf."""
-    if MASKED:
-        keep = _band_mask(offs_m, offs_n, n_k, band_lo, band_hi, HAS_LO, HAS_HI, CHECK_N)
-        qk = tl.where(keep, qk * qk_scale, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        qk = qk - m_ij[:, None]
-    else:
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        qk = qk * qk_scale - m_ij[:, None]
+    if MASKED:  # -inf * qk_scale - m = -inf: masked scores take the unmasked path's one FFMA and give p = 0
+        qk = tl.where(_band_mask(offs_m, offs_n, n_k, band_lo, band_hi, HAS_LO, HAS_HI, CHECK_N), qk, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # qk_scale > 0, so the max commutes with the scaling
+    qk = qk * qk_scale - m_ij[:, None]
     p = tl.math.exp2(qk)
     alpha = tl.math.exp2(m_i - m_ij)  # rescale what was accumulated against the old running max
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -484,7 +479,8 @@ _GPU_CONFIGS = {
              KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 4),
              KernelConfig(128, 64, 4, 3, tma=True), KernelConfig(128, 128, 8, 3, tma=True),
              KernelConfig(64, 64, 4, 2, tma=True), KernelConfig(64, 64, 4, 3, tma=True),
-             KernelConfig(128, 64, 8, 3, tma=True), KernelConfig(128, 128, 8, 4, tma=True)],
+             KernelConfig(128, 64, 8, 3, tma=True), KernelConfig(128, 128, 8, 4, tma=True),
+             KernelConfig(64, 128, 4, 2, tma=True), KernelConfig(64, 128, 4, 3, tma=True)],
         128: [KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 4), KernelConfig(128, 128, 8, 2),
               KernelConfig(128, 128, 8, 3), KernelConfig(64, 64, 4, 3),
               KernelConfig(128, 64, 8, 3, tma=True), KernelConfig(128, 128, 8, 2, tma=True),
