@@ -23,6 +23,7 @@ one process times every row, so each timing has the GPU alone. Rows are logged a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -295,6 +296,7 @@ def main():
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up per row (its default)")
     parser.add_argument("--rep-ms", type=float, default=100.0, help="do_bench timing window per row (its default)")
     parser.add_argument("--wait-file", default=None, help="compile at once, but time only once this file exists")
+    parser.add_argument("--no-clock", action="store_true", help="do not sample the SM clock (nvidia-smi) meanwhile")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -340,7 +342,7 @@ def main():
     from dldna.bench import GpuMonitor
     from dldna.kernels import flash_triton as ft
 
-    with GpuMonitor() as gpu:
+    with (contextlib.nullcontext() if args.no_clock else GpuMonitor()) as gpu:
         for case in all_cases:
             faulthandler.dump_traceback_later(120, exit=False)  # a row stuck for 2 minutes prints where it is
             try:
