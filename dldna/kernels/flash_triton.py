@@ -467,12 +467,13 @@ def interpreting() -> bool:
 
 # Hopper candidates (block_m, block_n, warps, stages); the tuner times them once per shape class.
 # Forward: 128-row query blocks feed two warpgroups' wgmma; block_n trades registers (the score tile) for fewer
-# online-softmax rescalings. 64 x 64 tiles on one warpgroup, two programs per SM, loaded by the copy engine (TMA),
-# won most forward rows on an H200, sliding windows among them. At causal N=16k, D=128, 128 x 128 TMA tiles (each K/V
-# tile read once for 128 query rows) won by 7 % (every candidate's time: the tuning log in
-# results/flash_attention_bench.json); with 3 stages they take 230,400 of the 232,448 bytes of shared memory a block
-# may use. Backward: dK/dV keep two (block_n x D) fp32 accumulators in registers, so a wide key block needs 8 warps
-# at D = 128.
+# online-softmax rescalings. On an H200 (every candidate's time: the tuning log in results/flash_attention_bench.json)
+# 64 x 64 tiles on one warpgroup, several programs per SM, loaded by the copy engine (TMA), won the sliding windows
+# and the short causal rows. 64 x 128 TMA tiles on one warpgroup (half as many softmax rescalings) won the causal
+# rows at D = 64 from 4k on, by 4 to 6 %. At causal D = 128 from 16k on, 128 x 128 TMA tiles (each K/V tile read
+# once for 128 query rows) won by under 1 % over 128 x 64 ones; with 3 stages they take 230,400 of the 232,448 bytes
+# of shared memory a block may use. Backward: dK/dV keep two (block_n x D) fp32 accumulators in registers, so a wide
+# key block needs 8 warps at D = 128.
 _GPU_CONFIGS = {
     "fwd": {
         64: [KernelConfig(128, 64, 4, 3), KernelConfig(128, 64, 4, 4), KernelConfig(128, 128, 8, 3),
