@@ -302,7 +302,7 @@ def main():
         sys.exit("needs a CUDA GPU")
     import faulthandler
 
-    from dldna.results import save_result
+    from dldna.results import command_line, save_result
 
     t0 = time.time()
     deadline = t0 + args.budget_s
@@ -366,7 +366,7 @@ def main():
                  "sm_clock_mhz: median of nvidia-smi samples over the row",
         "wall_s": round(time.time() - t0, 1),
     }
-    command = "python benchmarks/attention.py " + " ".join(sys.argv[1:])
+    command = command_line("python benchmarks/attention.py")
     path = save_result("flash_attention_bench", data, command, out_dir=args.out_dir)
     print_table(rows, targets)
     print(f"\nwrote {path} in {time.time() - t0:.0f} s; errors: {len(data['errors'])}")

@@ -21,7 +21,7 @@ import triton
 from dldna.bench import GpuMonitor
 from dldna.kernels import flash_attention
 from dldna.kernels import flash_triton as ft
-from dldna.results import save_result
+from dldna.results import command_line, save_result
 
 
 def timed(gpu: GpuMonitor, fn, **bench_args) -> dict:
@@ -69,7 +69,7 @@ def main() -> None:
               f"{row['sm_clock_mhz']} MHz", flush=True)
     data = {"case": "causal forward N=16384 D=128 bf16, batch 1, 16 heads", "rows": rows,
             "config": repr([t["best"] for t in ft.TUNING_LOG if t.get("kernel") == "fwd"])}
-    print(save_result("flash_clock_warmup", data, "python benchmarks/flash_clock_warmup.py " + " ".join(sys.argv[1:]),
+    print(save_result("flash_clock_warmup", data, command_line("python benchmarks/flash_clock_warmup.py"),
                       out_dir=args.out_dir))
 
 

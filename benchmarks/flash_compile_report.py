@@ -13,7 +13,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 import triton
@@ -117,11 +116,11 @@ def main():
                 rows.append(info)
                 print(json.dumps(info), flush=True)
     if not args.no_save:
-        from dldna.results import save_result
+        from dldna.results import command_line, save_result
 
         data = {"target": "sm_90a (H100/H200), compiled without a GPU", "flags": args.flags, "dtype": args.dtype,
                 "rows": rows}
-        command = " ".join(["python benchmarks/flash_compile_report.py"] + sys.argv[1:])
+        command = command_line("python benchmarks/flash_compile_report.py")
         print(save_result("flash_compile_report", data, command, out_dir=args.out_dir))
 
 

@@ -10,14 +10,13 @@ call is the Python and launch work on the host, which ``do_bench`` hides only up
 import argparse
 import cProfile
 import pstats
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 from dldna.kernels import flash_attention
-from dldna.results import save_result
+from dldna.results import command_line, save_result
 
 
 def per_call_us(fn, warmup: int, calls: int) -> float:
@@ -57,7 +56,7 @@ def main() -> None:
                     print(f"--- cProfile of {calls} calls, D={d}, {what}")
                     pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
     if args.out_dir:
-        command = "python benchmarks/flash_host_overhead.py " + " ".join(sys.argv[1:])
+        command = command_line("python benchmarks/flash_host_overhead.py")
         print(save_result("flash_host_overhead", {"rows": rows}, command, out_dir=args.out_dir))
 
 

@@ -217,7 +217,7 @@ def main():
     print(f"{len(rows) - len(failed)}/{len(rows)} cases passed in {time.time() - t0:.0f} s; worst relative error "
           f"per dtype: {worst}")
     if args.out_dir:
-        from dldna.results import save_result
+        from dldna.results import command_line, save_result
 
         data = {"cases": len(rows), "passed": len(rows) - len(failed), "worst_relative_error": worst,
                 "failed": failed, "groups": args.only or "all", "wall_s": round(time.time() - t0, 1),
@@ -228,8 +228,8 @@ def main():
         if "--out-dir" in shown:  # where the file went is not part of what was run
             i = shown.index("--out-dir")
             del shown[i : i + 2]
-        print("wrote", save_result("flash_attention_gpu_test", data, "python benchmarks/gpu_test_flash.py " + " ".join(shown),
-                                   out_dir=args.out_dir))
+        command = command_line("python benchmarks/gpu_test_flash.py", shown)
+        print("wrote", save_result("flash_attention_gpu_test", data, command, out_dir=args.out_dir))
     for r in failed[:20]:
         print("FAILED", r["group"], r["case"], r.get("dtype"), json.dumps(r["errors"])[:600])
     sys.exit(1 if failed else 0)

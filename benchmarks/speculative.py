@@ -14,7 +14,6 @@ same tokens, and times one cached target forward against the number of tokens it
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
@@ -26,7 +25,7 @@ from dldna.experiments.faster_decoding import (decoder_config, forward_cost, spe
 from dldna.models.generation import generate
 from dldna.models.mistral import MistralForCausalLM
 from dldna.models.speculative import speculative_generate
-from dldna.results import save_result
+from dldna.results import command_line, save_result
 
 
 def main(argv=None) -> None:
@@ -87,7 +86,7 @@ def main(argv=None) -> None:
             "target_forward": forward_cost(target, 256, device=dev),
             "draft_forward": forward_cost(draft, 256, new_tokens=(1,), device=dev)}
     name = args.name or ("speculative_gpu" if dev.type == "cuda" else "speculative_bench_cpu")
-    command = "python benchmarks/speculative.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("python benchmarks/speculative.py", argv)
     path = save_result(name, data, command.strip(), out_dir=args.out_dir)
     print(f"target {data['params']['target']:,} params (val loss {losses['target']:.3f}), draft "
           f"{data['params']['draft']:,} (val loss {losses['draft']:.3f}); {args.dtype} on {dev}")

@@ -13,7 +13,7 @@ import platform
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -32,6 +32,12 @@ def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def command_line(program: str, args: Sequence[str] | None = None) -> str:
+    """The command that made a result, for ``save_result``: ``program`` and its arguments (default: this
+    process's ``sys.argv[1:]``), separated by single spaces (no trailing space when there are none)."""
+    return " ".join([program, *(sys.argv[1:] if args is None else args)])
 
 
 def save_result(name: str, data: Any, command: str, out_dir: Path | str | None = None) -> Path:

@@ -135,6 +135,17 @@ def test_every_stored_result_names_its_device_date_and_command():
         assert row["device"] and row["date"] and row["command"].startswith("python"), row
 
 
+def test_command_line_joins_program_and_arguments_without_a_trailing_space(monkeypatch):
+    from dldna.results import command_line
+
+    monkeypatch.setattr("sys.argv", ["bench.py"])
+    assert command_line("python bench.py") == "python bench.py"
+    monkeypatch.setattr("sys.argv", ["bench.py", "--ns", "1024"])
+    assert command_line("python bench.py") == "python bench.py --ns 1024"
+    assert command_line("python bench.py", []) == "python bench.py"  # explicit arguments win over sys.argv
+    assert command_line("python bench.py", ["--fast"]) == "python bench.py --fast"
+
+
 def test_stored_gpu_result_has_provenance_and_quadratic_naive_memory():
     record = load_result("attention_cost_gpu")
     assert record["device"].startswith("NVIDIA") and record["command"].startswith("python benchmarks/attention_cost.py")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from typing import Any, Sequence
 
@@ -456,10 +455,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         summary = f"dev metrics: {result['metrics']}"
     print(summary)
     if args.save:
-        from dldna.results import save_result
+        from dldna.results import command_line, save_result
 
         name = {"seq": "mistral_sequence", "math": f"mistral_arithmetic_{args.variant}", "sql": "mistral_wikisql"}[args.task]
-        path = save_result(name, result, "python -m dldna.examples.mistral_tasks " + " ".join(sys.argv[1:] if argv is None else argv),
+        path = save_result(name, result, command_line("python -m dldna.examples.mistral_tasks", argv),
                            out_dir=args.out_dir)
         print("saved", path)
     return result

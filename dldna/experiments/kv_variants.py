@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -228,13 +227,13 @@ def main(argv=None) -> None:
     for row in result["summary"]:
         print(f"{row['variant']:<12} params {row['params']:>8,}  KV {row['kv_bytes_per_token_bf16']:>6} B/token  "
               f"val loss {row['val_loss_mean']:.4f} [{row['val_loss_min']:.4f}, {row['val_loss_max']:.4f}]")
-    from dldna.results import save_result
+    from dldna.results import command_line, save_result
 
     name = "kv_variants_tiny" if args.tiny else "kv_variants"
     if args.seeds and not args.tiny and tuple(args.seeds) != ExperimentConfig().seeds:
         name += "_seeds" + "_".join(str(s) for s in args.seeds)
-    command = "python -m dldna.experiments.kv_variants " + " ".join(sys.argv[1:] if argv is None else argv)
-    print("saved", save_result(name, result, command.strip(), args.out_dir))
+    command = command_line("python -m dldna.experiments.kv_variants", argv)
+    print("saved", save_result(name, result, command, args.out_dir))
 
 
 if __name__ == "__main__":
