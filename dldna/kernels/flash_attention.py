@@ -18,6 +18,7 @@ import weakref
 import torch
 
 from dldna.attention.reference import check_qkv
+from dldna.kernels.availability import triton_available
 from dldna.kernels.tiled import band_limits, tiled_flash_attention
 
 try:  # triton is optional: absent on macOS/Windows and on CPU-only installs
@@ -27,16 +28,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 HEAD_DIMS = (16, 32, 64, 128)
 BACKENDS = ("auto", "triton", "torch")
-
-
-def triton_available(device: torch.device | str = "cuda") -> bool:
-    """Whether the Triton kernels can run on ``device``: CUDA with triton, or CPU under ``TRITON_INTERPRET=1``."""
-    if _kernels is None:
-        return False
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.is_available() and not _kernels.interpreting()
-    return dev.type == "cpu" and _kernels.interpreting()
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:

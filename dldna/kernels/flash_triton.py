@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from dldna.kernels.availability import interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -458,11 +459,6 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False  # dense only: fetch the looped-over tiles through tensor descriptors (Hopper's copy engine)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Hopper candidates (block_m, block_n, warps, stages); the tuner times them once per shape class.

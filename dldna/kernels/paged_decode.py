@@ -19,11 +19,11 @@ Triton cannot run (no GPU and no ``TRITON_INTERPRET=1`` set before ``triton`` is
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from dldna.attention.paged import paged_attention
+from dldna.kernels.availability import interpreting, triton_available
 
 try:  # triton is optional: the package imports (and the chapter runs) without it
     import triton
@@ -33,21 +33,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = None
 
 BACKENDS = ("auto", "triton", "torch")
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_available(device: torch.device | str) -> bool:
-    """Whether the kernel can run on ``device``: CUDA with triton, or CPU under ``TRITON_INTERPRET=1``."""
-    if triton is None:
-        return False
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.is_available() and not interpreting()
-    return dev.type == "cpu" and interpreting()
 
 
 if triton is not None:
