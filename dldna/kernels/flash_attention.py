@@ -18,7 +18,7 @@ import weakref
 import torch
 
 from dldna.attention.reference import check_qkv
-from dldna.kernels.availability import triton_available
+from dldna.kernels import availability
 from dldna.kernels.tiled import band_limits, tiled_flash_attention
 
 try:  # triton is optional: absent on macOS/Windows and on CPU-only installs
@@ -28,6 +28,12 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 HEAD_DIMS = (16, 32, 64, 128)
 BACKENDS = ("auto", "triton", "torch")
+
+
+def triton_available(device: torch.device | str = "cuda") -> bool:
+    """Whether these Triton kernels can run on ``device``: CUDA with triton, or CPU under ``TRITON_INTERPRET=1``
+    (and the kernel module imported: a triton too old for it counts as none)."""
+    return _kernels is not None and availability.triton_available(device)
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
