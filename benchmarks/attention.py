@@ -173,6 +173,30 @@ def time_pass(fn, pass_name: str, grad, inputs, warmup_ms: float = 25.0, rep_ms:
     return triton.testing.do_bench(run, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(inputs), return_mode="median")
 
 
+class BenchRow:
+    """One benchmark row (mask, head_dim ``d``, length ``n``) as every script times it: the seeded bf16 ``q, k, v``
+    (requiring grad), the output gradient ``grad``, the implementations ``fns`` (``make_fns``) and ``peer``, the
+    fastest other one for the mask (cuDNN under a causal mask, FlexAttention otherwise)."""
+
+    def __init__(self, mask: str, d: int, n: int):
+        self.q, self.k, self.v = _inputs(d, n, seed=n + d)
+        self.grad = torch.randn_like(self.q)
+        self.fns = make_fns(mask, d, n, self.q, self.k, self.v)
+        self.peer = "sdpa_cudnn" if mask == "causal" else "flex"
+
+    def time(self, impl: str, pass_name: str, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
+        """``time_pass`` of implementation ``impl`` (a key of ``fns``)."""
+        return time_pass(self.fns[impl], pass_name, self.grad, (self.q, self.k, self.v), warmup_ms, rep_ms)
+
+    def outputs(self, impl: str = "dldna") -> list[torch.Tensor]:
+        """Copies of ``impl``'s output and of the q, k, v gradients of one forward+backward."""
+        for t in (self.q, self.k, self.v):
+            t.grad = None
+        out = self.fns[impl]()
+        out.backward(self.grad)
+        return [out.detach().clone()] + [t.grad.clone() for t in (self.q, self.k, self.v)]
+
+
 def time_case(case, deadline, rep_ms, log, warmup_ms=25.0, gpu=None):
     from dldna.kernels import flash_triton as ft
 
@@ -180,11 +204,10 @@ def time_case(case, deadline, rep_ms, log, warmup_ms=25.0, gpu=None):
     b, h = problem(n, d)
     layout = _layout(n) if mask == "bigbird" else None
     fwd_flops = 4.0 * d * b * h * allowed_pairs(n, mask, layout)
-    q, k, v = _inputs(d, n, seed=n + d)
-    grad = torch.randn_like(q)
+    case_row = BenchRow(mask, d, n)
     rows = []
     log_start = len(ft.TUNING_LOG)
-    for impl, fn in make_fns(mask, d, n, q, k, v).items():
+    for impl in case_row.fns:
         for pass_name, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
             row = {"mask": mask, "head_dim": d, "n": n, "batch": b, "heads": h, "impl": impl, "pass": pass_name,
                    "window": WINDOW if mask == "window" else None}
@@ -194,7 +217,7 @@ def time_case(case, deadline, rep_ms, log, warmup_ms=25.0, gpu=None):
                 continue
             t0 = time.time()
             try:
-                ms = time_pass(fn, pass_name, grad, (q, k, v), warmup_ms, rep_ms)
+                ms = case_row.time(impl, pass_name, warmup_ms, rep_ms)
                 row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
                 if gpu is not None:
                     row.update(gpu.between(t0, time.time()))
@@ -204,7 +227,7 @@ def time_case(case, deadline, rep_ms, log, warmup_ms=25.0, gpu=None):
             rows.append(row)
             log(row)
     tuning = ft.TUNING_LOG[log_start:]
-    del q, k, v, grad
+    del case_row
     torch.cuda.empty_cache()
     return rows, tuning
 

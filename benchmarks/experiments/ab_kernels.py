@@ -23,7 +23,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.getcwd())
-from benchmarks.attention import _inputs, allowed_pairs, make_fns, problem, time_pass  # noqa: E402
+from benchmarks.attention import BenchRow, allowed_pairs, problem  # noqa: E402
 from dldna.kernels import report  # noqa: E402
 
 fa = importlib.import_module("dldna.kernels.flash_attention")  # the module (the package exports its function)
@@ -70,49 +70,33 @@ def main():
     rows_to_time = [(m, int(d), int(n)) for m, d, n in (r.split(":") for r in args.rows)] if args.rows else ROWS
     for mask, d, n in rows_to_time:
         b, h = problem(n, d)
-        q, k, v = _inputs(d, n, seed=n + d)
-        grad = torch.randn_like(q)
-        fns = make_fns(mask, d, n, q, k, v)
-        peer = "sdpa_cudnn" if mask == "causal" else "flex"
-
-        def time_fwd(fn):
-            return time_pass(fn, "fwd", grad, (q, k, v))
-
-        def time_fwd_bwd(fn):
-            return time_pass(fn, "fwd+bwd", grad, (q, k, v))
+        case = BenchRow(mask, d, n)
 
         def use(name):
             fa._kernels = versions[name]
             force_winners(versions[name], record, mask, d, n)
 
-        def outputs():
-            for t in (q, k, v):
-                t.grad = None
-            out = fns["dldna"]()
-            out.backward(grad)
-            return [out.detach().clone()] + [t.grad.clone() for t in (q, k, v)]
-
         results = {}
         for name in versions:
             use(name)
-            results[name] = outputs()
+            results[name] = case.outputs()
         pairs = allowed_pairs(n, mask) if mask != "bigbird" else None  # (the layout's pairs: attention.py)
         row = {"mask": mask, "d": d, "n": n, "flops_fwd": pairs and 4.0 * d * b * h * pairs,
                "max_abs_diff": max((x.float() - y.float()).abs().max().item()
                                    for x, y in zip(results["base"], results["new"]))}
-        time_fwd(fns["dldna"])  # heat the GPU to its steady clock
+        case.time("dldna", "fwd")  # heat the GPU to its steady clock
         for r in range(args.rounds):
             for name in (("base", "new") if r % 2 == 0 else ("new", "base")):
                 use(name)
-                row.setdefault(f"{name}_fwd", []).append(time_fwd(fns["dldna"]))
-                row.setdefault(f"{name}_fwdbwd", []).append(time_fwd_bwd(fns["dldna"]))
-            row.setdefault(f"{peer}_fwd", []).append(time_fwd(fns[peer]))
-            row.setdefault(f"{peer}_fwdbwd", []).append(time_fwd_bwd(fns[peer]))
+                row.setdefault(f"{name}_fwd", []).append(case.time("dldna", "fwd"))
+                row.setdefault(f"{name}_fwdbwd", []).append(case.time("dldna", "fwd+bwd"))
+            row.setdefault(f"{case.peer}_fwd", []).append(case.time(case.peer, "fwd"))
+            row.setdefault(f"{case.peer}_fwdbwd", []).append(case.time(case.peer, "fwd+bwd"))
         use("new")
         for cfg in extra:
             fa._kernels.force_config("fwd", cfg)
             try:
-                row[f"new_fwd {cfg}"] = time_fwd(fns["dldna"])
+                row[f"new_fwd {cfg}"] = case.time("dldna", "fwd")
             except Exception as err:  # out of resources for this tile shape
                 row[f"new_fwd {cfg}"] = repr(err)[:200]
         fa._kernels.restore_tuning()

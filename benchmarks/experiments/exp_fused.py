@@ -2,7 +2,7 @@
 import sys, time, os, multiprocessing as mp
 import torch
 sys.path.insert(0, os.getcwd())
-from benchmarks.attention import problem, WINDOW
+from benchmarks.attention import _inputs, WINDOW
 
 CASES = [("causal", 128, 16384), ("causal", 64, 4096), ("window", 64, 4096), ("window", 64, 16384),
          ("window", 128, 16384), ("window", 128, 65536), ("causal", 64, 16384)]
@@ -16,10 +16,7 @@ def case_setup(mask, d, n):
     """Seeded bf16 q, k, v and output gradient for one benchmark case, its window, and a fwd+bwd closure; the
     split path's kernels forced to the configs that won in the stored benchmark run."""
     from dldna.kernels import flash_attention
-    b, h = problem(n, d)
-    gen = torch.Generator(device="cuda").manual_seed(n + d)
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
-               for _ in range(3))
+    q, k, v = _inputs(d, n, seed=n + d)
     g = torch.randn_like(q)
     window = WINDOW if mask == "window" else None
     force_winners(mask, d, n)

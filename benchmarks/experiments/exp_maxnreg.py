@@ -12,10 +12,8 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.getcwd())
-from benchmarks.attention import _inputs, allowed_pairs, make_fns, problem, time_pass  # noqa: E402
+from benchmarks.attention import BenchRow, allowed_pairs, problem  # noqa: E402
 from dldna.kernels import flash_triton as ft  # noqa: E402
 from dldna.kernels import report  # noqa: E402
 
@@ -48,42 +46,29 @@ def main():
     rows = []
     for mask, d, n in [("window", 64, 4096), ("window", 64, 16384), ("window", 64, 65536), ("causal", 64, 4096)]:
         b, h = problem(n, d)
-        q, k, v = _inputs(d, n, seed=n + d)
-        grad = torch.randn_like(q)
+        case = BenchRow(mask, d, n)
         ft.restore_tuning()
         report.force_tuned_configs(record, mask, d, n)
-        fns = make_fns(mask, d, n, q, k, v)
-        peer = "flex" if mask == "window" else "sdpa_cudnn"
-
-        def time_fwd(fn):
-            return time_pass(fn, "fwd", grad, (q, k, v))
-
-        def time_fwd_bwd(fn):
-            return time_pass(fn, "fwd+bwd", grad, (q, k, v))
 
         def outputs():
-            for t in (q, k, v):
-                t.grad = None
-            out = fns["dldna"]()
-            out.backward(grad)
-            return [out.detach().float()] + [t.grad.float() for t in (q, k, v)]
+            return [x.float() for x in case.outputs()]
 
         reference = outputs()
-        time_fwd(fns["dldna"])  # heat the GPU to its steady clock
+        case.time("dldna", "fwd")  # heat the GPU to its steady clock
         row = {"mask": mask, "d": d, "n": n, "flops": 4.0 * d * b * h * allowed_pairs(n, mask)}
         for name, caps in VARIANTS:
             CAP.update(dict.fromkeys(CAP), **caps)
             row[name + "_err"] = max(((x - r).norm() / r.norm()).item() for x, r in zip(outputs(), reference))
             if "fwd" in caps or name == "base":
-                row[name + "_fwd"] = time_fwd(fns["dldna"])
+                row[name + "_fwd"] = case.time("dldna", "fwd")
             if mask == "window":
-                row[name + "_fwdbwd"] = time_fwd_bwd(fns["dldna"])
+                row[name + "_fwdbwd"] = case.time("dldna", "fwd+bwd")
             print(name, {key: round(val, 4) for key, val in row.items() if key.startswith(name)}, flush=True)
         CAP.update(dict.fromkeys(CAP))
-        row[peer + "_fwd"] = time_fwd(fns[peer])
+        row[case.peer + "_fwd"] = case.time(case.peer, "fwd")
         if mask == "window":
-            row[peer + "_fwdbwd"] = time_fwd_bwd(fns[peer])
-        row["base_fwd_again"] = time_fwd(fns["dldna"])
+            row[case.peer + "_fwdbwd"] = case.time(case.peer, "fwd+bwd")
+        row["base_fwd_again"] = case.time("dldna", "fwd")
         print(json.dumps(row), flush=True)
         rows.append(row)
     compiled = [{"kernel": kind, "registers": c.n_regs, "spills": c.n_spills, "shared": c.metadata.shared,
