@@ -176,6 +176,13 @@ TRITON_CASES = [
     # head_dim > 64 with a band: the forward walks both edges' masked tiles in one loop (EDGES_IN_ONE_LOOP)
     (torch.float16, 1, 1, 100, 100, 128, True, 40),  # causal window, ragged tail
     (torch.float32, 2, 1, 128, 128, 128, False, 81),  # symmetric wide window, whole tiles
+    # Causal windows of whole tiles (PAIRED_EDGES): a query block folds its left-edge and diagonal tiles in one
+    # step where it has both; the first blocks (no left edge) and a block whose diagonal passes n_k do not.
+    (torch.float32, 2, 1, 160, 160, 16, True, 64),  # whole tiles, MQA
+    (torch.float16, 2, 2, 100, 100, 32, True, 32),  # ragged tail, a window of one tile (no full tiles between)
+    (torch.float32, 1, 1, 96, 160, 16, True, 64),  # Nq < Nk by a whole tile: band_hi = 64 still pairs
+    (torch.float32, 2, 2, 90, 120, 16, True, 64),  # Nq < Nk by 30: band_hi is not a whole tile, no pairing
+    (torch.float16, 1, 1, 128, 128, 128, True, 64),  # head_dim 128: no pairing (slower there on an H200)
 ]
 
 
@@ -206,10 +213,13 @@ def test_triton_forward_accepts_strided_inputs_and_scale():
     assert _rel(out, ref) < BOUNDS[torch.float32]
 
 
-@pytest.mark.parametrize("tma_kernels", [("fwd",), ("dq", "dkdv")])
-def test_triton_kernels_through_tensor_descriptors(tma_kernels):
+@pytest.mark.parametrize("tma_kernels,window", [(("fwd",), 30), (("fwd",), 32), (("dq", "dkdv"), 30),
+                                               (("dq", "dkdv"), 32)])
+def test_triton_kernels_through_tensor_descriptors(tma_kernels, window):
     """The Hopper path (tiles fetched through 4-D tensor descriptors, tails zero-filled) computes the same,
-    forward and backward (GQA: the dK/dV loop over a group's query heads indexes the descriptors)."""
+    forward and backward (GQA: the dK/dV loop over a group's query heads indexes the descriptors). A window of 32
+    pairs the edge tiles of the forward and dQ kernels (``_fwd_edge_pair`` and ``_dq_edge_pair`` read them through
+    the descriptors too)."""
     _, ft = _triton_kernels()
     q, k, v, grad = _inputs(1, 4, 2, 75, 75, 16, torch.float16, seed=5)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided: the descriptors carry all four strides
@@ -217,28 +227,30 @@ def test_triton_kernels_through_tensor_descriptors(tma_kernels):
         ft.force_config(kernel, ft.KernelConfig(32, 32, 4, 1, tma=True))
     try:
         def fn(q, k, v):
-            return flash_attention(q, k, v, causal=True, window=30, return_lse=True, backend="triton")
+            return flash_attention(q, k, v, causal=True, window=window, return_lse=True, backend="triton")
 
-        _check_against_reference(fn, q, k, v, grad, _mask(75, 75, True, 30), BOUNDS[torch.float16])
+        _check_against_reference(fn, q, k, v, grad, _mask(75, 75, True, window), BOUNDS[torch.float16])
     finally:
         for kernel in tma_kernels:
             ft.force_config(kernel, None)
 
 
 @pytest.mark.parametrize("block_m, block_n", [(16, 32), (32, 16)])
-@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("window", [None, 20, 32])
 def test_triton_kernels_with_tiles_longer_than_wide_and_wider_than_long(block_m, block_n, window):
     """Tiles of unequal sides (the H200 tuner tries 64 x 128 forward and 128 x 32 dQ tiles, among others): the
-    block ranges of the causal diagonal and of the window's left edge still cover exactly the allowed keys."""
+    block ranges of the causal diagonal and of the window's left edge still cover exactly the allowed keys. With
+    32 x 16 tiles a window of 32 pairs two blocks of each edge (``_fwd_edge_pair``, ``_dq_edge_pair``)."""
     _, ft = _triton_kernels()
-    q, k, v, grad = _inputs(1, 2, 1, 61, 61, 16, torch.float32, seed=block_m + block_n + (window or 0))
+    n = 93 if window == 32 else 61  # 93: the block of rows 32..63 has both edges inside K
+    q, k, v, grad = _inputs(1, 2, 1, n, n, 16, torch.float32, seed=block_m + block_n + (window or 0))
     for kernel in ("fwd", "dq", "dkdv"):
         ft.force_config(kernel, ft.KernelConfig(block_m, block_n, 4, 1, tma=kernel == "fwd"))
     try:
         def fn(q, k, v):
             return flash_attention(q, k, v, causal=True, window=window, return_lse=True, backend="triton")
 
-        _check_against_reference(fn, q, k, v, grad, _mask(61, 61, True, window), BOUNDS[torch.float32])
+        _check_against_reference(fn, q, k, v, grad, _mask(n, n, True, window), BOUNDS[torch.float32])
     finally:
         ft.restore_tuning()
 

@@ -159,6 +159,31 @@ def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, of
     return acc, l_i, m_ij
 
 
+@triton.jit
+def _fwd_edge_pair(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_left, start_diag, offs_d, qk_scale,
+                   BLOCK: tl.constexpr, USE_TMA: tl.constexpr = False, b=0, hk=0):
+    """Fold the two partly masked key blocks of a sliding window into (acc, l_i, m_i) with ONE online-softmax step.
+
+    With square tiles and a causal window and ``band_hi`` that are multiples of the tile (``PAIRED_EDGES`` in
+    ``_attn_fwd``), a query block has one partly masked key block at each edge of its window, and the two keep
+    complementary halves: query row ``r`` keeps column ``c`` of the diagonal block (keys from ``start_diag``) if
+    ``c <= r`` and column ``c`` of the left-edge block (keys from ``start_left``) if ``c > r``. So they fit together
+    into one full ``(BLOCK, BLOCK)`` score tile: Q K^T and P V are still computed per block, but the exponentials,
+    row max, row sum and rescaling run once instead of twice, and no score is -inf. Neither block reaches past the
+    ends of K (the caller checks), so nothing is bounds-checked."""
+    k_left = _load_rows(K, b, hk, start_left, 0, stride_kn, offs_d, BLOCK, False, USE_TMA)
+    k_diag = _load_rows(K, b, hk, start_diag, 0, stride_kn, offs_d, BLOCK, False, USE_TMA)
+    from_diag = tl.arange(0, BLOCK)[None, :] <= tl.arange(0, BLOCK)[:, None]
+    qk = tl.where(from_diag, tl.dot(q, tl.trans(k_diag)), tl.dot(q, tl.trans(k_left)))
+    p, acc, l_i, m_ij = _softmax_step(qk, acc, l_i, m_i, offs_d, offs_d, 0, 0, 0, qk_scale, False, False, False)
+    v_left = _load_rows(V, b, hk, start_left, 0, stride_vn, offs_d, BLOCK, False, USE_TMA)
+    v_diag = _load_rows(V, b, hk, start_diag, 0, stride_vn, offs_d, BLOCK, False, USE_TMA)
+    p = p.to(v_diag.dtype)
+    acc = tl.dot(tl.where(from_diag, p, 0.0), v_diag, acc)
+    acc = tl.dot(tl.where(from_diag, 0.0, p), v_left, acc)
+    return acc, l_i, m_ij
+
+
 @triton.jit(do_not_specialize=_DYNAMIC)
 def _attn_fwd(Q, K, V, O, LSE, ROW_SPAN, COL_IDX,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -167,7 +192,7 @@ def _attn_fwd(Q, K, V, O, LSE, ROW_SPAN, COL_IDX,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr = False,
               LAYOUT_BLOCK: tl.constexpr = 1, RAGGED: tl.constexpr = True, WIDE_BAND: tl.constexpr = False,
-              EDGES_IN_ONE_LOOP: tl.constexpr = False):
+              EDGES_IN_ONE_LOOP: tl.constexpr = False, PAIRED_EDGES: tl.constexpr = False):
     """1-D grid of query blocks x B * H (order: ``_tile``). Dense: the band's key blocks. SPARSE: the kept key
     blocks of this block's layout row r, COL_IDX[ROW_SPAN[2r]:ROW_SPAN[2r + 1]] (``layout_spans`` of a layout of
     LAYOUT_BLOCK-token blocks, which BLOCK_M and BLOCK_N divide: a kept layout block is LAYOUT_BLOCK // BLOCK_N steps
@@ -179,7 +204,10 @@ def _attn_fwd(Q, K, V, O, LSE, ROW_SPAN, COL_IDX,
     the tiles right of the full ones start at or after the last row's band_lo, so they never check band_lo; with
     WIDE_BAND (band_hi - band_lo >= BLOCK_M + BLOCK_N) the left-edge tiles end before the first row's band_hi, so
     they never check band_hi. EDGES_IN_ONE_LOOP: the partly masked tiles of both edges run in one loop (each checks
-    both band limits) before the full ones; the host picks it where it measured faster (``attention_forward``)."""
+    both band limits) before the full ones; the host picks it where it measured faster (``attention_forward``).
+    PAIRED_EDGES (``_paired_edges``: BLOCK_M == BLOCK_N, a causal window and band_hi that are multiples of it, the
+    host sets it where it measured faster): a query block whose window has both edge blocks inside K folds the two in one step (``_fwd_edge_pair``); the
+    edge loops then run no step."""
     # Query blocks in reverse order: under a causal mask the last blocks have the most work, start them first.
     n_blocks = tl.cdiv(n_q, BLOCK_M)
     rank, bh = _tile(n_blocks, n_bh, heads_per_chunk)
@@ -213,6 +241,12 @@ def _attn_fwd(Q, K, V, O, LSE, ROW_SPAN, COL_IDX,
                                        band_lo, band_hi, qk_scale, BLOCK_N, RAGGED, False, False)
     else:
         lo, full_lo, full_hi, hi = _block_range(start_m, BLOCK_M, n_k, BLOCK_N, band_lo, band_hi, HAS_LO, HAS_HI)
+        if PAIRED_EDGES:
+            if (full_lo - lo == BLOCK_N) & (hi - full_hi == BLOCK_N):  # both edge blocks exist, inside K
+                acc, l_i, m_i = _fwd_edge_pair(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, full_hi, offs_d,
+                                               qk_scale, BLOCK_N, USE_TMA, b32, hk32)
+                lo = full_lo
+                hi = full_hi
         if EDGES_IN_ONE_LOOP:
             n_left = (full_lo - lo) // BLOCK_N
             for j in range(0, n_left + tl.cdiv(tl.maximum(hi - full_hi, 0), BLOCK_N)):
@@ -642,6 +676,7 @@ def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None)
                         HAS_LO=band_lo is not None, HAS_HI=band_hi is not None, SPARSE=layout is not None,
                         USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1, RAGGED=n_k % (block or cfg.block_n) != 0,
                         WIDE_BAND=_wide_band(band_lo, band_hi, cfg), EDGES_IN_ONE_LOOP=edges_in_one_loop,
+                        PAIRED_EDGES=layout is None and _paired_edges(d, band_lo, band_hi, cfg),
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if layout is not None:
@@ -658,6 +693,18 @@ def _edges_in_one_loop(head_dim: int, band_lo) -> bool:
     """The forward's EDGES_IN_ONE_LOOP. Sliding windows on an H200 (benchmarks/experiments/logs/ab_edges.json): both
     edges in one loop ran 2 to 5 % faster at D = 128 and 6 to 9 % slower at D = 64 than a loop per edge."""
     return head_dim > 64 and band_lo is not None
+
+
+def _paired_edges(head_dim: int, band_lo, band_hi, cfg: KernelConfig) -> bool:
+    """The forward's PAIRED_EDGES: head_dim <= 64, square tiles, and a band whose width and upper limit are multiples
+    of the tile, so that the left-edge and diagonal blocks of a query block keep complementary halves
+    (``_fwd_edge_pair``). On an H200 (benchmarks/experiments/logs/ab_paired_edges.json, 64 x 64 TMA tiles) pairing
+    made the D = 64 window forward 2 to 5 % faster and the D = 128 one 1 to 3 % slower. (Tiles of 2:1 sides can
+    pair too, two blocks per edge; compiled with Triton 3.6 for sm_90a, that doubled the shared memory of the
+    128 x 64 forward and at D = 128 serialized its warpgroup MMAs, ``ptxas`` C7515.)"""
+    if head_dim > 64 or band_lo is None or band_hi is None or cfg.block_m != cfg.block_n:
+        return False
+    return band_hi % cfg.block_n == 0 and (band_hi - band_lo + 1) % cfg.block_n == 0
 
 
 def _wide_band(band_lo, band_hi, cfg: KernelConfig) -> bool:
