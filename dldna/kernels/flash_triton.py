@@ -206,8 +206,8 @@ def _attn_fwd(Q, K, V, O, LSE, ROW_SPAN, COL_IDX,
     they never check band_hi. EDGES_IN_ONE_LOOP: the partly masked tiles of both edges run in one loop (each checks
     both band limits) before the full ones; the host picks it where it measured faster (``attention_forward``).
     PAIRED_EDGES (``_paired_edges``: BLOCK_M == BLOCK_N, a causal window and band_hi that are multiples of it, the
-    host sets it where it measured faster): a query block whose window has both edge blocks inside K folds the two in one step (``_fwd_edge_pair``); the
-    edge loops then run no step."""
+    host sets it where it measured faster): a query block whose window has both edge blocks inside K folds the two
+    in one step (``_fwd_edge_pair``); the edge loops then run no step."""
     # Query blocks in reverse order: under a causal mask the last blocks have the most work, start them first.
     n_blocks = tl.cdiv(n_q, BLOCK_M)
     rank, bh = _tile(n_blocks, n_bh, heads_per_chunk)
@@ -499,11 +499,11 @@ class KernelConfig:
 # Forward: 128-row query blocks feed two warpgroups' wgmma; block_n trades registers (the score tile) for fewer
 # online-softmax rescalings. On an H200 (every candidate's time: the tuning log in results/flash_attention_bench.json)
 # 64 x 64 tiles on one warpgroup, several programs per SM, loaded by the copy engine (TMA), won the sliding windows
-# and the short causal rows. 64 x 128 TMA tiles on one warpgroup (half as many softmax rescalings) won the causal
-# rows at D = 64 from 4k on, by 4 to 6 %. At causal D = 128 from 16k on, 128 x 128 TMA tiles (each K/V tile read
-# once for 128 query rows) won by under 1 % over 128 x 64 ones; with 3 stages they take 230,400 of the 232,448 bytes
-# of shared memory a block may use. Backward: dK/dV keep two (block_n x D) fp32 accumulators in registers, so a wide
-# key block needs 8 warps at D = 128.
+# and the 1k causal rows. 64 x 128 TMA tiles on one warpgroup (half as many softmax rescalings) won the causal
+# rows at D = 64 from 4k on, by 4 to 6 %. At causal D = 128 the winners of 16k and 64k, 128 x 128 TMA tiles (each
+# K/V tile read once for 128 query rows) and 128 x 64 ones without TMA, are within 1 % of each other; with 3 stages
+# the 128 x 128 tiles take 230,400 of the 232,448 bytes of shared memory a block may use. Backward: dK/dV keep two
+# (block_n x D) fp32 accumulators in registers, so a wide key block needs 8 warps at D = 128.
 _GPU_CONFIGS = {
     "fwd": {
         64: [KernelConfig(128, 64, 4, 3), KernelConfig(128, 64, 4, 4), KernelConfig(128, 128, 8, 3),
