@@ -217,9 +217,9 @@ def test_triton_forward_accepts_strided_inputs_and_scale():
                                                (("dq", "dkdv"), 32)])
 def test_triton_kernels_through_tensor_descriptors(tma_kernels, window):
     """The Hopper path (tiles fetched through 4-D tensor descriptors, tails zero-filled) computes the same,
-    forward and backward (GQA: the dK/dV loop over a group's query heads indexes the descriptors). A window of 32
-    pairs the edge tiles of the forward and dQ kernels (``_fwd_edge_pair`` and ``_dq_edge_pair`` read them through
-    the descriptors too)."""
+    forward and backward (GQA: the dK/dV loop over a group's query heads indexes the descriptors). A window of 32,
+    a whole number of the 32-token tiles, pairs the forward's edge tiles (``_fwd_edge_pair``), which then come
+    through the descriptors too."""
     _, ft = _triton_kernels()
     q, k, v, grad = _inputs(1, 4, 2, 75, 75, 16, torch.float16, seed=5)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided: the descriptors carry all four strides
@@ -235,14 +235,30 @@ def test_triton_kernels_through_tensor_descriptors(tma_kernels, window):
             ft.force_config(kernel, None)
 
 
+def test_paired_edges_only_where_the_edge_tiles_are_complementary():
+    """``_paired_edges``: square tiles, head_dim <= 64, a causal band whose width and upper limit are whole tiles."""
+    _, ft = _triton_kernels()
+    square, wide = ft.KernelConfig(64, 64), ft.KernelConfig(128, 64)
+    assert ft._paired_edges(64, -1023, 0, square)  # a causal window of 1024 keys
+    assert ft._paired_edges(32, -63, 64, square)  # Nq < Nk by one tile: band_hi = 64
+    assert ft._paired_edges(64, -63, 0, square)  # a window of one tile
+    assert not ft._paired_edges(128, -1023, 0, square)  # slower at head_dim 128 on an H200
+    assert not ft._paired_edges(64, -1023, 0, wide)  # two blocks per edge: not implemented
+    assert not ft._paired_edges(64, -1022, 0, square)  # a window of 1023 keys
+    assert not ft._paired_edges(64, -1023, 30, square)  # band_hi not a whole tile
+    assert not ft._paired_edges(64, -40, 40, square)  # a symmetric window (odd width)
+    assert not ft._paired_edges(64, None, 0, square) and not ft._paired_edges(64, -1023, None, square)
+
+
 @pytest.mark.parametrize("block_m, block_n", [(16, 32), (32, 16)])
 @pytest.mark.parametrize("window", [None, 20, 32])
 def test_triton_kernels_with_tiles_longer_than_wide_and_wider_than_long(block_m, block_n, window):
     """Tiles of unequal sides (the H200 tuner tries 64 x 128 forward and 128 x 32 dQ tiles, among others): the
-    block ranges of the causal diagonal and of the window's left edge still cover exactly the allowed keys. With
-    32 x 16 tiles a window of 32 pairs two blocks of each edge (``_fwd_edge_pair``, ``_dq_edge_pair``)."""
+    block ranges of the causal diagonal and of the window's left edge still cover exactly the allowed keys. A window
+    of 32 is a whole number of tiles of either side, but only square tiles pair their edges (``_paired_edges``):
+    these must take the edge loops."""
     _, ft = _triton_kernels()
-    n = 93 if window == 32 else 61  # 93: the block of rows 32..63 has both edges inside K
+    n = 93 if window == 32 else 61  # 93: the rows 32..63 have both window edges inside K, where pairing would apply
     q, k, v, grad = _inputs(1, 2, 1, n, n, 16, torch.float32, seed=block_m + block_n + (window or 0))
     for kernel in ("fwd", "dq", "dkdv"):
         ft.force_config(kernel, ft.KernelConfig(block_m, block_n, 4, 1, tma=kernel == "fwd"))
