@@ -3,10 +3,11 @@
 The loops are those of ``dldna.kernels.tiled`` (read that first): one program owns a block of query rows (forward,
 dQ) or of key rows (dK/dV), walks the blocks of the other side that the mask keeps, and splits them into partly
 masked blocks (``MASKED=True``: the bounds and band checks that can fail there, see ``_attn_fwd``) and fully
-allowed blocks (no checks at all). Scores are kept in base 2 (``qk_scale = scale * log2(e)`` so ``exp2`` replaces
-``exp``); the log-sum-exp handed to the backward and to the caller is natural-log. GQA: query head ``h`` reads K/V
-head ``h // GROUP``; the dK/dV program of a K/V head loops over its ``GROUP`` query heads, so nothing is repeated
-in memory and no atomics are needed.
+allowed blocks (no checks at all). One step has no counterpart there: at head_dim 64 the forward folds a sliding
+window's two partly masked blocks into one full tile (``_fwd_edge_pair``). Scores are kept in base 2
+(``qk_scale = scale * log2(e)`` so ``exp2`` replaces ``exp``); the log-sum-exp handed to the backward and to the
+caller is natural-log. GQA: query head ``h`` reads K/V head ``h // GROUP``; the dK/dV program of a K/V head loops
+over its ``GROUP`` query heads, so nothing is repeated in memory and no atomics are needed.
 
 Importing this module needs ``triton``; on a CPU it runs only under ``TRITON_INTERPRET=1`` (set before the
 first ``import triton``). Used in chapter 5.
