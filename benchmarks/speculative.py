@@ -87,7 +87,7 @@ def main(argv=None) -> None:
             "draft_forward": forward_cost(draft, 256, new_tokens=(1,), device=dev)}
     name = args.name or ("speculative_gpu" if dev.type == "cuda" else "speculative_bench_cpu")
     command = command_line("python benchmarks/speculative.py", argv)
-    path = save_result(name, data, command.strip(), out_dir=args.out_dir)
+    path = save_result(name, data, command, out_dir=args.out_dir)
     print(f"target {data['params']['target']:,} params (val loss {losses['target']:.3f}), draft "
           f"{data['params']['draft']:,} (val loss {losses['draft']:.3f}); {args.dtype} on {dev}")
     print(f"plain greedy: {plain:.1f} tokens/s")
