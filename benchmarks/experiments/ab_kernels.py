@@ -52,11 +52,23 @@ def force_winners(module, record, mask, d, n):
         report.force_tuned_configs(record, mask, d, n, kernels=module)
 
 
+class WithOptions:
+    """Stands in for a kernel of a flash_triton module; its launches add Triton launch options (``maxnreg``)."""
+
+    def __init__(self, kernel, **options):
+        self.kernel, self.options = kernel, options
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        return lambda *args, **kwargs: launch(*args, **self.options, **kwargs)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", required=True, help="path of the baseline flash_triton.py")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--extra", nargs="*", default=[], help="forward configs block_m,block_n,warps,stages,tma")
+    parser.add_argument("--extra", nargs="*", default=[],
+                        help="forward configs block_m,block_n,warps,stages,tma[,maxnreg]")
     parser.add_argument("--out", default=None)
     parser.add_argument("--rows", nargs="*", default=None, help="mask:head_dim:n (default: ROWS); bigbird:64:16384 "
                         "times block_sparse_flash_attention")
@@ -64,7 +76,8 @@ def main():
     torch._dynamo.config.cache_size_limit = 64  # one compiled FlexAttention per row and grad mode, as in attention.py
     torch._dynamo.config.accumulated_cache_size_limit = 512
     versions = {"base": load_module(args.baseline, "flash_triton_base"), "new": fa._kernels}
-    extra = [fa._kernels.KernelConfig(*map(int, c.split(",")[:4]), tma=c.split(",")[4] == "1") for c in args.extra]
+    extra = [(fa._kernels.KernelConfig(*map(int, c.split(",")[:4]), tma=c.split(",")[4] == "1"),
+              int(c.split(",")[5]) if len(c.split(",")) > 5 else None) for c in args.extra]
     record = json.load(open("results/flash_attention_bench.json"))
     rows, start = [], time.time()
     rows_to_time = [(m, int(d), int(n)) for m, d, n in (r.split(":") for r in args.rows)] if args.rows else ROWS
@@ -93,12 +106,19 @@ def main():
             row.setdefault(f"{case.peer}_fwd", []).append(case.time(case.peer, "fwd"))
             row.setdefault(f"{case.peer}_fwdbwd", []).append(case.time(case.peer, "fwd+bwd"))
         use("new")
-        for cfg in extra:
+        forward = fa._kernels._attn_fwd
+        for cfg, maxnreg in extra:
             fa._kernels.force_config("fwd", cfg)
+            name = f"{cfg}" + (f" maxnreg={maxnreg}" if maxnreg else "")
+            if maxnreg:
+                fa._kernels._attn_fwd = WithOptions(forward, maxnreg=maxnreg)
             try:
-                row[f"new_fwd {cfg}"] = case.time("dldna", "fwd")
+                row[f"new_fwd {name}"] = case.time("dldna", "fwd")
+                row[f"max_abs_diff {name}"] = (case.outputs()[0].float() - results["new"][0].float()).abs().max().item()
             except Exception as err:  # out of resources for this tile shape
-                row[f"new_fwd {cfg}"] = repr(err)[:200]
+                row[f"new_fwd {name}"] = repr(err)[:200]
+            finally:
+                fa._kernels._attn_fwd = forward
         fa._kernels.restore_tuning()
         summary = {key: (round(min(val), 4) if isinstance(val, list) else val) for key, val in row.items()}
         print(f"[{time.time() - start:6.1f}s]", json.dumps(summary), flush=True)
