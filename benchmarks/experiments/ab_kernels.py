@@ -4,7 +4,9 @@ The baseline is a copy of the module from another commit; the candidate is the w
 for both versions on the config that won that row in ``results/flash_attention_bench.json`` (so nothing is
 tuned), in alternating order over ``--rounds`` rounds, beside FlexAttention (windows) or cuDNN (causal). Both
 versions' outputs and q/k/v gradients are compared with each other: a change that only drops checks that cannot
-fail must give the same numbers bit for bit. ``--extra`` adds forward configs to time on the candidate. The JSON
+fail must give the same numbers bit for bit. ``--extra`` adds configs to time on the candidate: forward ones
+(``bm,bn,warps,stages,tma[,maxnreg]``, timed forward only) or, prefixed ``dq:`` or ``dkdv:``, backward ones (timed
+forward+backward, the other kernels on the row's winners); each is also checked against the candidate. The JSON
 keeps every round's ``do_bench`` median; the printed line (and the experiments README) gives the fastest round.
 
     git show 64b8023:dldna/kernels/flash_triton.py > /tmp/flash_triton_base.py
@@ -52,6 +54,17 @@ def force_winners(module, record, mask, d, n):
         report.force_tuned_configs(record, mask, d, n, kernels=module)
 
 
+KERNELS = {"fwd": "_attn_fwd", "dq": "_attn_bwd_dq", "dkdv": "_attn_bwd_dkdv"}
+
+
+def parse_extra(module, spec: str):
+    """``[dq:|dkdv:]bm,bn,warps,stages,tma[,maxnreg]`` -> (kernel, KernelConfig, maxnreg or None)."""
+    kernel, _, fields = spec.rpartition(":")
+    values = fields.split(",")
+    config = module.KernelConfig(*map(int, values[:4]), tma=values[4] == "1")
+    return kernel or "fwd", config, int(values[5]) if len(values) > 5 else None
+
+
 class WithOptions:
     """Stands in for a kernel of a flash_triton module; its launches add Triton launch options (``maxnreg``)."""
 
@@ -68,7 +81,7 @@ def main():
     parser.add_argument("--baseline", required=True, help="path of the baseline flash_triton.py")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--extra", nargs="*", default=[],
-                        help="forward configs block_m,block_n,warps,stages,tma[,maxnreg]")
+                        help="[dq:|dkdv:]block_m,block_n,warps,stages,tma[,maxnreg] (default kernel: fwd)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--rows", nargs="*", default=None, help="mask:head_dim:n (default: ROWS); bigbird:64:16384 "
                         "times block_sparse_flash_attention")
@@ -76,8 +89,7 @@ def main():
     torch._dynamo.config.cache_size_limit = 64  # one compiled FlexAttention per row and grad mode, as in attention.py
     torch._dynamo.config.accumulated_cache_size_limit = 512
     versions = {"base": load_module(args.baseline, "flash_triton_base"), "new": fa._kernels}
-    extra = [(fa._kernels.KernelConfig(*map(int, c.split(",")[:4]), tma=c.split(",")[4] == "1"),
-              int(c.split(",")[5]) if len(c.split(",")) > 5 else None) for c in args.extra]
+    extra = [parse_extra(fa._kernels, spec) for spec in args.extra]
     record = json.load(open("results/flash_attention_bench.json"))
     rows, start = [], time.time()
     rows_to_time = [(m, int(d), int(n)) for m, d, n in (r.split(":") for r in args.rows)] if args.rows else ROWS
@@ -106,19 +118,25 @@ def main():
             row.setdefault(f"{case.peer}_fwd", []).append(case.time(case.peer, "fwd"))
             row.setdefault(f"{case.peer}_fwdbwd", []).append(case.time(case.peer, "fwd+bwd"))
         use("new")
-        forward = fa._kernels._attn_fwd
-        for cfg, maxnreg in extra:
-            fa._kernels.force_config("fwd", cfg)
-            name = f"{cfg}" + (f" maxnreg={maxnreg}" if maxnreg else "")
+        for kernel, cfg, maxnreg in extra:
+            use("new")  # the row's winners, then this one config
+            fa._kernels.force_config(kernel, cfg)
+            name = ("" if kernel == "fwd" else f"{kernel} ") + f"{cfg}" + (f" maxnreg={maxnreg}" if maxnreg else "")
+            pass_name = "fwd" if kernel == "fwd" else "fwd+bwd"
+            function = KERNELS[kernel]
+            original = getattr(fa._kernels, function)
             if maxnreg:
-                fa._kernels._attn_fwd = WithOptions(forward, maxnreg=maxnreg)
+                setattr(fa._kernels, function, WithOptions(original, maxnreg=maxnreg))
+            key = f"new_{pass_name.replace('+', '')} {name}"
             try:
-                row[f"new_fwd {name}"] = case.time("dldna", "fwd")
-                row[f"max_abs_diff {name}"] = (case.outputs()[0].float() - results["new"][0].float()).abs().max().item()
+                row[key] = case.time("dldna", pass_name)
+                checked = case.outputs()[:1 if kernel == "fwd" else None]
+                row[f"max_abs_diff {name}"] = max((x.float() - y.float()).abs().max().item()
+                                                  for x, y in zip(checked, results["new"]))
             except Exception as err:  # out of resources for this tile shape
-                row[f"new_fwd {name}"] = repr(err)[:200]
+                row[key] = repr(err)[:200]
             finally:
-                fa._kernels._attn_fwd = forward
+                setattr(fa._kernels, function, original)
         fa._kernels.restore_tuning()
         summary = {key: (round(min(val), 4) if isinstance(val, list) else val) for key, val in row.items()}
         print(f"[{time.time() - start:6.1f}s]", json.dumps(summary), flush=True)
