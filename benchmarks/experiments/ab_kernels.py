@@ -54,6 +54,11 @@ def force_winners(module, record, mask, d, n):
         report.force_tuned_configs(record, mask, d, n, kernels=module)
 
 
+def max_abs_diff(tensors, others) -> float:
+    """Largest elementwise difference between two lists of tensors (outputs and gradients), pair by pair."""
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(tensors, others))
+
+
 KERNELS = {"fwd": "_attn_fwd", "dq": "_attn_bwd_dq", "dkdv": "_attn_bwd_dkdv"}
 
 
@@ -107,8 +112,7 @@ def main():
             results[name] = case.outputs()
         pairs = allowed_pairs(n, mask) if mask != "bigbird" else None  # (the layout's pairs: attention.py)
         row = {"mask": mask, "d": d, "n": n, "flops_fwd": pairs and 4.0 * d * b * h * pairs,
-               "max_abs_diff": max((x.float() - y.float()).abs().max().item()
-                                   for x, y in zip(results["base"], results["new"]))}
+               "max_abs_diff": max_abs_diff(results["base"], results["new"])}
         case.time("dldna", "fwd")  # heat the GPU to its steady clock
         for r in range(args.rounds):
             for name in (("base", "new") if r % 2 == 0 else ("new", "base")):
@@ -117,7 +121,7 @@ def main():
                 row.setdefault(f"{name}_fwdbwd", []).append(case.time("dldna", "fwd+bwd"))
             row.setdefault(f"{case.peer}_fwd", []).append(case.time(case.peer, "fwd"))
             row.setdefault(f"{case.peer}_fwdbwd", []).append(case.time(case.peer, "fwd+bwd"))
-        use("new")
+        use("new")  # (also without extras: the restore_tuning below is the candidate's)
         for kernel, cfg, maxnreg in extra:
             use("new")  # the row's winners, then this one config
             fa._kernels.force_config(kernel, cfg)
@@ -130,9 +134,8 @@ def main():
             key = f"new_{pass_name.replace('+', '')} {name}"
             try:
                 row[key] = case.time("dldna", pass_name)
-                checked = case.outputs()[:1 if kernel == "fwd" else None]
-                row[f"max_abs_diff {name}"] = max((x.float() - y.float()).abs().max().item()
-                                                  for x, y in zip(checked, results["new"]))
+                checked = case.outputs()[:1 if kernel == "fwd" else None]  # zip stops at the shorter list
+                row[f"max_abs_diff {name}"] = max_abs_diff(checked, results["new"])
             except Exception as err:  # out of resources for this tile shape
                 row[key] = repr(err)[:200]
             finally:

@@ -6,16 +6,14 @@ three kernels' launches replaced by no-ops (``*_stub_launch``), beside the real 
 
     PYTHONPATH=$PWD python benchmarks/experiments/host_pieces.py
 """
-import importlib, time, torch, sys
+import importlib, torch, sys
 sys.path.insert(0, '.')
 import dldna.kernels.flash_triton as ft
 fa = importlib.import_module("dldna.kernels.flash_attention")  # the module: the package exports a function of that name
 from dldna.kernels import flash_attention
+from benchmarks.flash_host_overhead import per_call_us
 def us(fn, n=2000):
-    for _ in range(100): fn()
-    torch.cuda.synchronize(); t = time.perf_counter()
-    for _ in range(n): fn()
-    torch.cuda.synchronize(); return round((time.perf_counter() - t) / n * 1e6, 2)
+    return round(per_call_us(fn, warmup=100, calls=n), 2)
 q, k, v = (torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
 class Ident(torch.autograd.Function):
     @staticmethod
