@@ -62,6 +62,14 @@ def max_abs_diff(tensors, others) -> float:
 KERNELS = {"fwd": "_attn_fwd", "dq": "_attn_bwd_dq", "dkdv": "_attn_bwd_dkdv"}
 
 
+def save_rows(path: str, rows: list[dict]) -> None:
+    """Write ``rows`` to ``path`` as JSON with the device, date, versions and command line."""
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                   "torch": torch.__version__, "triton": triton.__version__, "command": " ".join(sys.argv),
+                   "rows": rows}, f, indent=1)
+
+
 def parse_extra(module, spec: str):
     """``[dq:|dkdv:]bm,bn,warps,stages,tma[,maxnreg]`` -> (kernel, KernelConfig, maxnreg or None)."""
     kernel, _, fields = spec.rpartition(":")
@@ -145,10 +153,7 @@ def main():
         print(f"[{time.time() - start:6.1f}s]", json.dumps(summary), flush=True)
         rows.append(row)
         if args.out:  # after every row: a run cut short keeps what it measured
-            with open(args.out, "w") as f:
-                json.dump({"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-                           "torch": torch.__version__, "triton": triton.__version__, "command": " ".join(sys.argv),
-                           "rows": rows}, f, indent=1)
+            save_rows(args.out, rows)
 
 
 if __name__ == "__main__":
