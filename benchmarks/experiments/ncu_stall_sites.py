@@ -3,8 +3,8 @@
 ``benchmarks/flash_ncu.py`` gives each kernel's stall reasons summed over the whole kernel. This script asks where:
 it profiles one forward call of a case of ``flash_ncu.py`` (the same inputs and the configs of the stored benchmark
 run) with the SourceCounters section, exports the SASS page (one row per instruction, with its warp-stall samples
-by reason), and summarises it: the instructions with the most samples, the samples per opcode, and the samples per
-reason. ncu runs with ``--clock-control none`` (the device notes: leave the clocks alone).
+by reason), and summarises it: the instructions with the most samples, the samples per opcode, per reason and
+inside each loop. ncu runs with ``--clock-control none`` (the device notes: leave the clocks alone).
 
     python benchmarks/experiments/ncu_stall_sites.py profile --out-dir $OUT     # on the GPU: <case>.csv per case
     python benchmarks/experiments/ncu_stall_sites.py summarize $OUT/<case>.csv  # anywhere (also .csv.gz)
@@ -30,7 +30,8 @@ CASES = [("window", 64, 4096), ("causal", 128, 16384)]  # forward only: (mask, h
 
 
 def profile(out_dir: Path) -> None:
-    """One ``.ncu-rep`` and one SASS-page CSV per case; prints ncu's complaints if a step fails."""
+    """Profile each case into ``/tmp/<case>.ncu-rep`` and write its SASS page to ``out_dir/<case>.csv``; prints
+    ncu's complaints if a step fails."""
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for mask, d, n in CASES:
@@ -96,7 +97,24 @@ def summarize(path: Path, top: int = 30) -> dict:
         reasons = sorted(((c, _num(r[c])) for c in reason_cols), key=lambda kv: -kv[1])[:3]
         print(f"  #{i:5d} {100 * _num(r[total_col]) / total:5.1f}%  {r[source_col].strip()[:70]:70s} "
               + " ".join(f"{c}={v:.0f}" for c, v in reasons if v))
+    print("\nloops (a backward branch over 100+ instructions: first, last instruction, % of samples inside):")
+    for first, last in _loops(rows, source_col):
+        inside = sum(_num(rows[i][total_col]) for i in range(first, last + 1))
+        print(f"  #{first:5d} .. #{last:5d} {100 * inside / total:5.1f}%")
     return {"instructions": len(rows), "samples": total, "per_opcode": dict(by_op), "per_reason": dict(by_reason)}
+
+
+def _loops(rows: list[dict[str, str]], source_col: str) -> list[tuple[int, int]]:
+    """(target, branch) row indices of the branches that jump 100 or more instructions back. Besides the loops this
+    also lists the retry stubs of mbarrier waits at the end of the kernel, which jump back into the loop bodies."""
+    index = {int(r["Address"], 16): i for i, r in enumerate(rows)}
+    found = []
+    for i, r in enumerate(rows):
+        match = re.search(r"BRA (0x[0-9a-f]+)", r[source_col])
+        target = index.get(int(match.group(1), 16)) if match else None
+        if target is not None and i - target >= 100:
+            found.append((target, i))
+    return found
 
 
 def main(argv=None) -> None:
