@@ -22,8 +22,8 @@ from triton.compiler import ASTSource
 from dldna.kernels import flash_triton as ft
 
 DIV16 = [["tt.divisibility", 16]]
-POINTERS = {"Q", "K", "V", "O", "LSE", "LSE2", "DO", "DQ", "DK", "DV", "DELTA", "ROW_SPAN", "COL_IDX", "COL_SPAN",
-            "ROW_IDX"}
+POINTERS = {"Q", "K", "V", "O", "KP", "VP", "LSE", "LSE2", "DO", "DQ", "DK", "DV", "DELTA", "ROW_SPAN", "COL_IDX",
+            "COL_SPAN", "ROW_IDX"}
 
 
 def _signature(fn, dtype: str, constexprs: dict, ints_not_div16: set[str], floats: set[str]):
@@ -67,6 +67,11 @@ def compile_one(fn, dtype, head_dim, cfg, flags, kernels=ft, sass=False):
         for name, rows in described:
             sig[name] = f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}]>"
             attrs.pop((fn.arg_names.index(name),), None)
+        for name in ("KP", "VP"):  # the paired edge blocks (5-D, two blocks per copy); K and V's own otherwise
+            if name in fn.arg_names:
+                pair = constexprs.get("PAIRED_EDGES")
+                sig[name] = (f"tensordesc<{dtype}[1, 1, 2, {cfg.block_n}, {head_dim}]>" if pair else sig[name[0]])
+                attrs.pop((fn.arg_names.index(name),), None)
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", 90, 32)
     kernel = triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})

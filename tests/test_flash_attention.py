@@ -213,26 +213,33 @@ def test_triton_forward_accepts_strided_inputs_and_scale():
     assert _rel(out, ref) < BOUNDS[torch.float32]
 
 
-@pytest.mark.parametrize("tma_kernels,window", [(("fwd",), 30), (("fwd",), 32), (("dq", "dkdv"), 30),
-                                               (("dq", "dkdv"), 32)])
-def test_triton_kernels_through_tensor_descriptors(tma_kernels, window):
+@pytest.mark.parametrize("tma_kernels,window,n", [(("fwd",), 30, 75), (("fwd",), 32, 75), (("fwd",), 64, 150),
+                                                 (("dq", "dkdv"), 30, 75), (("dq", "dkdv"), 32, 75)])
+def test_triton_kernels_through_tensor_descriptors(tma_kernels, window, n, monkeypatch):
     """The Hopper path (tiles fetched through 4-D tensor descriptors, tails zero-filled) computes the same,
-    forward and backward (GQA: the dK/dV loop over a group's query heads indexes the descriptors). A window of 32,
-    a whole number of the 32-token tiles, pairs the forward's edge tiles (``_fwd_edge_pair``), which then come
-    through the descriptors too."""
+    forward and backward (GQA: the dK/dV loop over a group's query heads indexes the descriptors). A window of a
+    whole number of the 32-token tiles pairs the forward's edge tiles (``_fwd_edge_pair``), which then come through
+    the 5-D pair descriptors (``_pair_descriptor``): one tile apart (window 32) or two (window 64, over a ragged
+    length)."""
     _, ft = _triton_kernels()
-    q, k, v, grad = _inputs(1, 4, 2, 75, 75, 16, torch.float16, seed=5)
+    q, k, v, grad = _inputs(1, 4, 2, n, n, 16, torch.float16, seed=5)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided: the descriptors carry all four strides
+    pair_spans = []
+    real_pair_descriptor = ft._pair_descriptor
+    monkeypatch.setattr(ft, "_pair_descriptor", lambda t, span, rows: pair_spans.append(span)
+                        or real_pair_descriptor(t, span, rows))
     for kernel in tma_kernels:
         ft.force_config(kernel, ft.KernelConfig(32, 32, 4, 1, tma=True))
     try:
         def fn(q, k, v):
             return flash_attention(q, k, v, causal=True, window=window, return_lse=True, backend="triton")
 
-        _check_against_reference(fn, q, k, v, grad, _mask(75, 75, True, window), BOUNDS[torch.float16])
+        _check_against_reference(fn, q, k, v, grad, _mask(n, n, True, window), BOUNDS[torch.float16])
     finally:
         for kernel in tma_kernels:
             ft.force_config(kernel, None)
+    paired = "fwd" in tma_kernels and window % 32 == 0
+    assert pair_spans == ([window] * 2 if paired else [])  # K's and V's, for the one forward call
 
 
 def test_paired_edges_only_where_the_edge_tiles_are_complementary():

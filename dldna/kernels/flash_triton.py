@@ -161,7 +161,7 @@ def _fwd_block(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_n, offs_m, of
 
 
 @triton.jit
-def _fwd_edge_pair(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_left, start_diag, offs_d, qk_scale,
+def _fwd_edge_pair(acc, l_i, m_i, q, K, V, KP, VP, stride_kn, stride_vn, start_left, start_diag, offs_d, qk_scale,
                    BLOCK: tl.constexpr, USE_TMA: tl.constexpr = False, b=0, hk=0):
     """Fold the two partly masked key blocks of a sliding window into (acc, l_i, m_i) with ONE online-softmax step.
 
@@ -169,24 +169,43 @@ def _fwd_edge_pair(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, start_left, sta
     ``_attn_fwd``), a query block has one partly masked key block at each edge of its window, and the two keep
     complementary halves: query row ``r`` keeps column ``c`` of the diagonal block (keys from ``start_diag``) if
     ``c <= r`` and column ``c`` of the left-edge block (keys from ``start_left``) if ``c > r``. So they fit together
-    into one full ``(BLOCK, BLOCK)`` score tile: Q K^T and P V are still computed per block, but the exponentials,
-    row max, row sum and rescaling run once instead of twice, and no score is -inf. Neither block reaches past the
-    ends of K (the caller checks), so nothing is bounds-checked."""
-    k_left = _load_rows(K, b, hk, start_left, 0, stride_kn, offs_d, BLOCK, False, USE_TMA)
-    k_diag = _load_rows(K, b, hk, start_diag, 0, stride_kn, offs_d, BLOCK, False, USE_TMA)
+    into one full ``(BLOCK, BLOCK)`` score tile: the exponentials, row max, row sum and rescaling run once instead
+    of twice, and no score is -inf. Neither block reaches past the ends of K (the caller checks), so nothing is
+    bounds-checked.
+
+    USE_TMA: ``KP``/``VP`` are 5-D descriptors (``_pair_descriptor``) whose one copy brings both blocks, so the
+    program waits for two copies here instead of four, and computes one ``(BLOCK, 2 BLOCK)`` Q K^T and one P V over
+    ``2 BLOCK`` keys. The reshapes, split and join between them move no data: a thread of the warpgroup MMA layout
+    holds columns ``c`` and ``c + BLOCK`` of the same rows. Otherwise (``KP``/``VP`` unused) each block is its own
+    load and its own pair of products."""
     from_diag = tl.arange(0, BLOCK)[None, :] <= tl.arange(0, BLOCK)[:, None]
-    qk = tl.where(from_diag, tl.dot(q, tl.trans(k_diag)), tl.dot(q, tl.trans(k_left)))
-    p, acc, l_i, m_ij = _softmax_step(qk, acc, l_i, m_i, offs_d, offs_d, 0, 0, 0, qk_scale, False, False, False)
-    v_left = _load_rows(V, b, hk, start_left, 0, stride_vn, offs_d, BLOCK, False, USE_TMA)
-    v_diag = _load_rows(V, b, hk, start_diag, 0, stride_vn, offs_d, BLOCK, False, USE_TMA)
-    p = p.to(v_diag.dtype)
-    acc = tl.dot(tl.where(from_diag, p, 0.0), v_diag, acc)
-    acc = tl.dot(tl.where(from_diag, 0.0, p), v_left, acc)
+    if USE_TMA:  # KP, VP: 5-D descriptors, one copy brings both blocks (``_pair_descriptor``)
+        D: tl.constexpr = offs_d.shape[0]
+        k_pair = KP.load([b, hk, 0, start_left, 0]).reshape([2 * BLOCK, D])  # left-edge rows, then diagonal rows
+        qk_pair = tl.dot(q, tl.trans(k_pair))  # (BLOCK, 2 BLOCK): left-edge scores | diagonal scores
+        qk_left, qk_diag = tl.split(tl.permute(tl.reshape(qk_pair, [BLOCK, 2, BLOCK]), (0, 2, 1)))
+        qk = tl.where(from_diag, qk_diag, qk_left)
+        p, acc, l_i, m_ij = _softmax_step(qk, acc, l_i, m_i, offs_d, offs_d, 0, 0, 0, qk_scale, False, False, False)
+        v_pair = VP.load([b, hk, 0, start_left, 0]).reshape([2 * BLOCK, D])
+        p = p.to(v_pair.dtype)
+        p_left, p_diag = tl.where(from_diag, 0.0, p), tl.where(from_diag, p, 0.0)
+        p_pair = tl.reshape(tl.permute(tl.join(p_left, p_diag), (0, 2, 1)), [BLOCK, 2 * BLOCK])
+        acc = tl.dot(p_pair, v_pair, acc)
+    else:
+        k_left = _load_rows(K, b, hk, start_left, 0, stride_kn, offs_d, BLOCK, False, USE_TMA)
+        k_diag = _load_rows(K, b, hk, start_diag, 0, stride_kn, offs_d, BLOCK, False, USE_TMA)
+        qk = tl.where(from_diag, tl.dot(q, tl.trans(k_diag)), tl.dot(q, tl.trans(k_left)))
+        p, acc, l_i, m_ij = _softmax_step(qk, acc, l_i, m_i, offs_d, offs_d, 0, 0, 0, qk_scale, False, False, False)
+        v_left = _load_rows(V, b, hk, start_left, 0, stride_vn, offs_d, BLOCK, False, USE_TMA)
+        v_diag = _load_rows(V, b, hk, start_diag, 0, stride_vn, offs_d, BLOCK, False, USE_TMA)
+        p = p.to(v_diag.dtype)
+        acc = tl.dot(tl.where(from_diag, p, 0.0), v_diag, acc)
+        acc = tl.dot(tl.where(from_diag, 0.0, p), v_left, acc)
     return acc, l_i, m_ij
 
 
 @triton.jit(do_not_specialize=_DYNAMIC)
-def _attn_fwd(Q, K, V, O, LSE, ROW_SPAN, COL_IDX,
+def _attn_fwd(Q, K, V, O, LSE, ROW_SPAN, COL_IDX, KP, VP,
               stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
               H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale, n_bh, heads_per_chunk,
@@ -208,7 +227,8 @@ def _attn_fwd(Q, K, V, O, LSE, ROW_SPAN, COL_IDX,
     both band limits) before the full ones; the host picks it where it measured faster (``attention_forward``).
     PAIRED_EDGES (``_paired_edges``: BLOCK_M == BLOCK_N, a causal window and band_hi that are multiples of it, the
     host sets it where it measured faster): a query block whose window has both edge blocks inside K folds the two
-    in one step (``_fwd_edge_pair``); the edge loops then run no step."""
+    in one step (``_fwd_edge_pair``); the edge loops then run no step. KP, VP: with PAIRED_EDGES and USE_TMA, K and V
+    as the 5-D descriptors of ``_pair_descriptor`` (one copy per pair of edge blocks); otherwise unused."""
     # Query blocks in reverse order: under a causal mask the last blocks have the most work, start them first.
     n_blocks = tl.cdiv(n_q, BLOCK_M)
     rank, bh = _tile(n_blocks, n_bh, heads_per_chunk)
@@ -244,8 +264,8 @@ def _attn_fwd(Q, K, V, O, LSE, ROW_SPAN, COL_IDX,
         lo, full_lo, full_hi, hi = _block_range(start_m, BLOCK_M, n_k, BLOCK_N, band_lo, band_hi, HAS_LO, HAS_HI)
         if PAIRED_EDGES:
             if (full_lo - lo == BLOCK_N) & (hi - full_hi == BLOCK_N):  # both edge blocks exist, inside K
-                acc, l_i, m_i = _fwd_edge_pair(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, full_hi, offs_d,
-                                               qk_scale, BLOCK_N, USE_TMA, b32, hk32)
+                acc, l_i, m_i = _fwd_edge_pair(acc, l_i, m_i, q, K, V, KP, VP, stride_kn, stride_vn, lo, full_hi,
+                                               offs_d, qk_scale, BLOCK_N, USE_TMA, b32, hk32)
                 lo = full_lo
                 hi = full_hi
         if EDGES_IN_ONE_LOOP:
@@ -501,9 +521,10 @@ class KernelConfig:
 # online-softmax rescalings. On an H200 (every candidate's time: the tuning log in results/flash_attention_bench.json)
 # 64 x 64 tiles on one warpgroup, several programs per SM, loaded by the copy engine (TMA), won the sliding windows
 # and the 1k causal rows. 64 x 128 TMA tiles on one warpgroup (half as many softmax rescalings) won the causal
-# rows at D = 64 from 4k on, by 4 to 6 %. At causal D = 128 the winners of 16k and 64k, 128 x 128 TMA tiles (each
-# K/V tile read once for 128 query rows) and 128 x 64 ones without TMA, are within 1 % of each other; with 3 stages
-# the 128 x 128 tiles take 230,400 of the 232,448 bytes of shared memory a block may use. Backward: dK/dV keep two
+# rows at D = 64 at 16k and 64k, by 4 to 5 %, and came within 1 % of the 64 x 64 ones at 4k. At causal D = 128
+# from 4k on the winners, 128 x 128 TMA tiles (each K/V tile read once for 128 query rows) and 128 x 64 ones
+# without TMA, are within 3 % of each other; with 3 stages the 128 x 128 tiles take 230,400 of the 232,448 bytes
+# of shared memory a block may use. Backward: dK/dV keep two
 # (block_n x D) fp32 accumulators in registers, so a wide key block needs 8 warps at D = 128.
 _GPU_CONFIGS = {
     "fwd": {
@@ -672,16 +693,21 @@ def attention_forward(q, k, v, band_lo, band_hi, scale, layout=None, block=None)
     def launch(cfg):
         grid = (_cdiv(n_q, cfg.block_m) * b * h,)
         tensors = (q, k, v, o)
+        span = band_hi - band_lo + 1 if layout is None and _paired_edges(d, band_lo, band_hi, cfg) else None
+        paired = span is not None and n_k >= span + cfg.block_n  # else no query block has both edge blocks
         if cfg.tma:
             tensors = tuple(_descriptor(t, rows) for t, rows in zip(tensors, (cfg.block_m, cfg.block_n, cfg.block_n,
                                                                                    cfg.block_m)))
-        _attn_fwd[grid](*tensors, lse, row_span, col_idx, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                        h, h // n_kv, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E, b * h, chunk,
+        kv_pairs = tensors[1:3]  # unused unless paired through descriptors
+        if cfg.tma and paired:
+            kv_pairs = (_pair_descriptor(k, span, cfg.block_n), _pair_descriptor(v, span, cfg.block_n))
+        _attn_fwd[grid](*tensors, lse, row_span, col_idx, *kv_pairs, *_strides(q), *_strides(k), *_strides(v),
+                        *_strides(o), h, h // n_kv, n_q, n_k, band_lo or 0, band_hi or 0, scale * LOG2E, b * h, chunk,
                         HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                         HAS_LO=band_lo is not None, HAS_HI=band_hi is not None, SPARSE=layout is not None,
                         USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1, RAGGED=n_k % (block or cfg.block_n) != 0,
                         WIDE_BAND=_wide_band(band_lo, band_hi, cfg), EDGES_IN_ONE_LOOP=edges_in_one_loop,
-                        PAIRED_EDGES=layout is None and _paired_edges(d, band_lo, band_hi, cfg),
+                        PAIRED_EDGES=paired,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if layout is not None:
@@ -704,9 +730,10 @@ def _paired_edges(head_dim: int, band_lo, band_hi, cfg: KernelConfig) -> bool:
     """The forward's PAIRED_EDGES: head_dim <= 64, square tiles, and a band whose width and upper limit are multiples
     of the tile, so that the left-edge and diagonal blocks of a query block keep complementary halves
     (``_fwd_edge_pair``). On an H200 (benchmarks/experiments/logs/ab_paired_edges.json, 64 x 64 TMA tiles) pairing
-    made the D = 64 window forward 2 to 5 % faster and the D = 128 one 1 to 3 % slower. (Tiles of 2:1 sides can
-    pair too, two blocks per edge; compiled with Triton 3.6 for sm_90a, that doubled the shared memory of the
-    128 x 64 forward and at D = 128 serialized its warpgroup MMAs, ``ptxas`` C7515.)"""
+    made the D = 64 window forward 2 to 5 % faster and the D = 128 one 1 to 3 % slower; with the pair descriptors
+    (``logs/ab_pair_desc_d128.json``) the D = 128 one moved by +0.3 to -2.1 %, within the noise. (Tiles of 2:1
+    sides can pair too, two blocks per edge; compiled with Triton 3.6 for sm_90a, that doubled the shared memory of
+    the 128 x 64 forward and at D = 128 serialized its warpgroup MMAs, ``ptxas`` C7515.)"""
     if head_dim > 64 or band_lo is None or band_hi is None or cfg.block_m != cfg.block_n:
         return False
     return band_hi % cfg.block_n == 0 and (band_hi - band_lo + 1) % cfg.block_n == 0
@@ -720,6 +747,15 @@ def _wide_band(band_lo, band_hi, cfg: KernelConfig) -> bool:
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     """A 4-D ``(B, H, N, D)`` tensor as a tensor descriptor whose blocks are ``rows`` rows of one head."""
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
+
+
+def _pair_descriptor(t: torch.Tensor, span: int, rows: int) -> TensorDescriptor:
+    """``(B, H, N, D)`` as a 5-D descriptor ``(B, H, 2, N - span, D)`` (element ``[b, h, j, r]`` is row
+    ``r + j * span``) with blocks ``(1, 1, 2, rows, D)``: one copy brings two row blocks ``span`` rows apart, a
+    window's left-edge and diagonal blocks (``_fwd_edge_pair``). Needs N > span."""
+    bs, hs, ns, ds = t.stride()
+    return TensorDescriptor(t, [t.shape[0], t.shape[1], 2, t.shape[2] - span, t.shape[3]], [bs, hs, span * ns, ns, ds],
+                            [1, 1, 2, rows, t.shape[3]])
 
 
 @functools.lru_cache(maxsize=None)
