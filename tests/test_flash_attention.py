@@ -226,8 +226,12 @@ def test_triton_kernels_through_tensor_descriptors(tma_kernels, window, n, monke
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided: the descriptors carry all four strides
     pair_spans = []
     real_pair_descriptor = ft._pair_descriptor
-    monkeypatch.setattr(ft, "_pair_descriptor", lambda t, span, rows: pair_spans.append(span)
-                        or real_pair_descriptor(t, span, rows))
+
+    def recording_pair_descriptor(t, span, rows):
+        pair_spans.append(span)
+        return real_pair_descriptor(t, span, rows)
+
+    monkeypatch.setattr(ft, "_pair_descriptor", recording_pair_descriptor)
     for kernel in tma_kernels:
         ft.force_config(kernel, ft.KernelConfig(32, 32, 4, 1, tma=True))
     try:

@@ -524,8 +524,8 @@ class KernelConfig:
 # rows at D = 64 at 16k and 64k, by 4 to 5 %, and came within 1 % of the 64 x 64 ones at 4k. At causal D = 128
 # from 4k on the winners, 128 x 128 TMA tiles (each K/V tile read once for 128 query rows) and 128 x 64 ones
 # without TMA, are within 3 % of each other; with 3 stages the 128 x 128 tiles take 230,400 of the 232,448 bytes
-# of shared memory a block may use. Backward: dK/dV keep two
-# (block_n x D) fp32 accumulators in registers, so a wide key block needs 8 warps at D = 128.
+# of shared memory a block may use. Backward: dK/dV keep two (block_n x D) fp32 accumulators in registers, so a
+# wide key block needs 8 warps at D = 128.
 _GPU_CONFIGS = {
     "fwd": {
         64: [KernelConfig(128, 64, 4, 3), KernelConfig(128, 64, 4, 4), KernelConfig(128, 128, 8, 3),
