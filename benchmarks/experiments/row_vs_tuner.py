@@ -24,6 +24,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.getcwd())
+from benchmarks.experiments.ab_kernels import save_rows  # noqa: E402
 from benchmarks.attention import WINDOW, BenchRow  # noqa: E402
 from dldna.kernels import flash_triton as ft  # noqa: E402
 
@@ -53,8 +54,7 @@ def main():
         del case
         torch.cuda.empty_cache()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        save_rows(args.out, rows)
 
 
 if __name__ == "__main__":
