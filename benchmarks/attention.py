@@ -3,7 +3,7 @@
 For N in {1k, 4k, 16k, 64k}, head_dim in {64, 128}, masks {causal, causal sliding window 1024}, forward and
 forward+backward, bf16, median time of ``triton.testing.do_bench`` with its default 25 ms warm-up and 100 ms of
 timed calls: long enough for the GPU to settle at the clock it holds under its power limit (from an idle GPU the
-same kernel timed up to 6 % faster); every row records the median SM clock over its run. Peers:
+same kernel timed up to 6 % faster); every row records the median SM clock and board power over its run. Peers:
 ``scaled_dot_product_attention`` with the FLASH (FlashAttention-2), CUDNN and EFFICIENT backends (causal only: none
 takes a window without a dense mask) and ``flex_attention`` compiled, with its block mask built once per shape
 (``dldna.bench.flex_block_mask``). One extra row: a BigBird block layout, ``block_sparse_flash_attention`` vs
@@ -319,7 +319,8 @@ def main():
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up per row (its default)")
     parser.add_argument("--rep-ms", type=float, default=100.0, help="do_bench timing window per row (its default)")
     parser.add_argument("--wait-file", default=None, help="compile at once, but time only once this file exists")
-    parser.add_argument("--no-clock", action="store_true", help="do not sample the SM clock (nvidia-smi) meanwhile")
+    parser.add_argument("--no-clock", action="store_true",
+                        help="do not sample the SM clock and power (nvidia-smi) meanwhile")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -386,7 +387,7 @@ def main():
         "dtype": "bfloat16",
         "flop_convention": "fwd 4*D*B*H*pairs (causal pairs N^2/2, windows/layouts exact); fwd+bwd 3.5x fwd",
         "timer": f"triton.testing.do_bench median, warm-up {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms, L2 flushed; "
-                 "sm_clock_mhz: median of nvidia-smi samples over the row",
+                 "sm_clock_mhz, power_w: medians of nvidia-smi samples over the row",
         "wall_s": round(time.time() - t0, 1),
     }
     command = command_line("python benchmarks/attention.py")

@@ -114,18 +114,26 @@ def fit_loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 
 class GpuMonitor:
-    """Samples the GPU's SM clock (MHz) every ``interval_ms`` with ``nvidia-smi`` in the background;
-    ``between(t0, t1)`` gives the median over a ``time.time()`` interval (None where nvidia-smi is missing). A
-    kernel's speed follows the clock, and under a long heavy load the GPU lowers its clock to stay within its power
-    limit (an H200 at 700 W ran FlashAttention at 1.6-1.9 GHz instead of 1.98 GHz).
+    """Samples the GPU with ``nvidia-smi`` every ``interval_ms`` in the background: by default the SM clock (MHz) and
+    the board's power draw (W). ``between(t0, t1)`` gives the median of each over a ``time.time()`` interval (None
+    where nvidia-smi is missing or gave no number then). A kernel's speed follows the clock, and under a long heavy
+    load the GPU lowers its clock to stay within its power limit (an H200 at 700 W ran FlashAttention at 1.6-1.9 GHz
+    instead of 1.98 GHz; under that cap the kernel that draws more power per clock gets the lower clock).
 
         with GpuMonitor() as gpu:
             t0 = time.time(); ...; print(gpu.between(t0, time.time()))
+
+    ``fields``: the ``nvidia-smi --query-gpu`` fields to sample, e.g. also ``temperature.gpu`` or
+    ``clocks_event_reasons.active`` (what limits the clock: 0x4 is the software power cap). The numeric ones of
+    ``KEYS`` give medians under those keys; any other field gives the sorted list of the values it took.
     """
 
-    def __init__(self, interval_ms: int = 100):
+    KEYS = {"clocks.sm": "sm_clock_mhz", "power.draw": "power_w", "temperature.gpu": "temp_c"}
+
+    def __init__(self, interval_ms: int = 100, fields: tuple[str, ...] = ("clocks.sm", "power.draw")):
         self.interval_ms = interval_ms
-        self.samples: list[tuple[float, float]] = []  # (time.time(), MHz)
+        self.fields = tuple(fields)
+        self.samples: list[tuple[float, tuple]] = []  # (time.time(), one value per field; None where unreadable)
         self._proc = None
 
     def __enter__(self) -> "GpuMonitor":
@@ -136,17 +144,28 @@ class GpuMonitor:
         if shutil.which("nvidia-smi") is None:
             return self
         self._proc = subprocess.Popen(
-            ["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits", f"-lms={self.interval_ms}"],
+            ["nvidia-smi", f"--query-gpu={','.join(self.fields)}", "--format=csv,noheader,nounits",
+             f"-lms={self.interval_ms}"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         threading.Thread(target=self._read, daemon=True).start()
         return self
 
+    def _value(self, field: str, text: str):
+        if field not in self.KEYS:
+            return text
+        try:
+            return float(text)
+        except ValueError:  # "[N/A]" or a message instead of a number
+            return None
+
     def _read(self) -> None:
         for line in self._proc.stdout:
-            try:
-                self.samples.append((time.time(), float(line.split(",")[0])))
-            except ValueError:  # "[N/A]" or a message instead of a number
+            parts = [part.strip() for part in line.split(",")]
+            if len(parts) != len(self.fields):
                 continue
+            values = tuple(self._value(field, part) for field, part in zip(self.fields, parts))
+            if any(v is not None for v, field in zip(values, self.fields) if field in self.KEYS):
+                self.samples.append((time.time(), values))
 
     def __exit__(self, *exc) -> None:
         if self._proc is not None:
@@ -154,8 +173,15 @@ class GpuMonitor:
             self._proc.wait(timeout=5)
 
     def between(self, t0: float, t1: float) -> dict:
-        inside = [mhz for t, mhz in self.samples if t0 <= t <= t1]
-        return {"sm_clock_mhz": statistics.median(inside) if inside else None}
+        inside = [values for t, values in self.samples if t0 <= t <= t1]
+        out = {}
+        for i, field in enumerate(self.fields):
+            seen = [values[i] for values in inside if values[i] is not None]
+            if field in self.KEYS:
+                out[self.KEYS[field]] = statistics.median(seen) if seen else None
+            else:
+                out[field] = sorted(set(seen))
+        return out
 
 
 def flex_block_mask(mask_mod: Callable, n: int, block_size: int = 128, device: torch.device | str = "cpu"):

@@ -175,21 +175,44 @@ def test_printed_complexity_benchmark_api():
     assert math.isfinite(fig.axes[0].get_lines()[0].get_ydata()[0])
 
 
-def test_gpu_monitor_reads_the_clock_from_nvidia_smi(tmp_path, monkeypatch):
-    """A stand-in nvidia-smi prints three clock samples and one unreadable line; the median is the middle sample."""
+def _fake_nvidia_smi(tmp_path, monkeypatch, lines: str):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\nprintf '{lines}'\nexec sleep 5\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+
+def _sample(monitor, count: int):
+    import time
+
+    t0 = time.time()
+    with monitor as gpu:
+        deadline = time.time() + 5
+        while len(gpu.samples) < count and time.time() < deadline:
+            time.sleep(0.01)
+    return gpu, t0
+
+
+def test_gpu_monitor_reads_the_clock_and_power_from_nvidia_smi(tmp_path, monkeypatch):
+    """A stand-in nvidia-smi prints four samples of (clock, power), one of them unreadable, one without a power
+    reading, and a line of the wrong shape; the medians skip what could not be read."""
     import time
 
     from dldna.bench import GpuMonitor
 
-    fake = tmp_path / "nvidia-smi"
-    fake.write_text("#!/bin/sh\nprintf '1980\\n[N/A]\\n1755\\n1710\\n'\nexec sleep 5\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    t0 = time.time()
-    with GpuMonitor() as gpu:
-        deadline = time.time() + 5
-        while len(gpu.samples) < 3 and time.time() < deadline:
-            time.sleep(0.01)
-    assert [mhz for _, mhz in gpu.samples] == [1980.0, 1755.0, 1710.0]
-    assert gpu.between(t0, time.time()) == {"sm_clock_mhz": 1755.0}
-    assert gpu.between(0, 1) == {"sm_clock_mhz": None}
+    _fake_nvidia_smi(tmp_path, monkeypatch, "1980, 650.5\\n[N/A], [N/A]\\n1755, 690.0\\nNo devices\\n1710, [N/A]\\n")
+    gpu, t0 = _sample(GpuMonitor(), 3)
+    assert [values for _, values in gpu.samples] == [(1980.0, 650.5), (1755.0, 690.0), (1710.0, None)]
+    assert gpu.between(t0, time.time()) == {"sm_clock_mhz": 1755.0, "power_w": 670.25}
+    assert gpu.between(0, 1) == {"sm_clock_mhz": None, "power_w": None}
+
+
+def test_gpu_monitor_keeps_the_values_of_other_fields(tmp_path, monkeypatch):
+    """A field outside ``GpuMonitor.KEYS`` (what limits the clock) gives the values it took, not a median."""
+    import time
+
+    from dldna.bench import GpuMonitor
+
+    _fake_nvidia_smi(tmp_path, monkeypatch, "1980, 0x0\\n1740, 0x4\\n1755, 0x4\\n")
+    gpu, t0 = _sample(GpuMonitor(fields=("clocks.sm", "clocks_event_reasons.active")), 3)
+    assert gpu.between(t0, time.time()) == {"sm_clock_mhz": 1755.0, "clocks_event_reasons.active": ["0x0", "0x4"]}

@@ -13,48 +13,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.getcwd())
 from benchmarks.experiments.ab_kernels import save_rows  # noqa: E402
 from benchmarks.attention import BenchRow  # noqa: E402
+from dldna.bench import GpuMonitor  # noqa: E402
 from dldna.kernels import report  # noqa: E402
 
-FIELDS = ["clocks.sm", "power.draw", "temperature.gpu"]
-REASONS = ["clocks_event_reasons.active", "clocks_throttle_reasons.active"]  # newer name first
+FIELDS = ("clocks.sm", "power.draw", "temperature.gpu")
+REASONS = ("clocks_event_reasons.active", "clocks_throttle_reasons.active")  # what limits the clock; newer name first
 
 
-class Sampler:
-    """``nvidia-smi`` samples ``(time, clock MHz, power W, temperature C, limit reasons)`` every 50 ms."""
-
-    def __init__(self):
-        reason = next(r for r in REASONS if subprocess.run(
-            ["nvidia-smi", f"--query-gpu={r}", "--format=csv,noheader"], capture_output=True).returncode == 0)
-        self.samples = []
-        self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={','.join(FIELDS + [reason])}",
-                                      "--format=csv,noheader,nounits", "-lms=50"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            parts = [p.strip() for p in line.split(",")]
-            try:
-                self.samples.append((time.time(), float(parts[0]), float(parts[1]), float(parts[2]), parts[3]))
-            except (ValueError, IndexError):
-                continue
-
-    def between(self, t0, t1):
-        inside = [s for s in self.samples if t0 <= s[0] <= t1]
-        if not inside:
-            return {}
-        return {"sm_clock_mhz": statistics.median(s[1] for s in inside),
-                "power_w": statistics.median(s[2] for s in inside), "temp_c": max(s[3] for s in inside),
-                "reasons": sorted({s[4] for s in inside})}
+def limit_reason_field() -> str:
+    """The name this driver's ``nvidia-smi`` knows for the clock-limit reasons."""
+    return next(r for r in REASONS if subprocess.run(["nvidia-smi", f"--query-gpu={r}", "--format=csv,noheader"],
+                                                     capture_output=True, timeout=30).returncode == 0)
 
 
 def main():
@@ -70,16 +46,16 @@ def main():
     case = BenchRow(mask, d, n)
     for impl in ("dldna", case.peer):
         case.time(impl, "fwd", rep_ms=20)  # compile and warm up
-    sampler, rows = Sampler(), []
-    for r in range(args.rounds):
-        for impl in ("dldna", case.peer):
-            for call in range(args.calls):
-                t0 = time.time()
-                ms = case.time(impl, "fwd")
-                row = {"round": r, "impl": impl, "call": call, "ms": ms, **sampler.between(t0, time.time())}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    sampler.proc.terminate()
+    rows = []
+    with GpuMonitor(interval_ms=50, fields=FIELDS + (limit_reason_field(),)) as gpu:
+        for r in range(args.rounds):
+            for impl in ("dldna", case.peer):
+                for call in range(args.calls):
+                    t0 = time.time()
+                    ms = case.time(impl, "fwd")
+                    row = {"round": r, "impl": impl, "call": call, "ms": ms, **gpu.between(t0, time.time())}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     if args.out:
         save_rows(args.out, rows)
 
