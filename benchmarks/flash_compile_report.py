@@ -67,10 +67,10 @@ def compile_one(fn, dtype, head_dim, cfg, flags, kernels=ft, sass=False):
         for name, rows in described:
             sig[name] = f"tensordesc<{dtype}[1, 1, {rows}, {head_dim}]>"
             attrs.pop((fn.arg_names.index(name),), None)
-        for name in ("KP", "VP"):  # the paired edge blocks (5-D, two blocks per copy); K and V's own otherwise
+        for name, own in (("KP", "K"), ("VP", "V")):  # the paired edge blocks (5-D, two blocks per copy)
             if name in fn.arg_names:
                 pair = constexprs.get("PAIRED_EDGES")
-                sig[name] = (f"tensordesc<{dtype}[1, 1, 2, {cfg.block_n}, {head_dim}]>" if pair else sig[name[0]])
+                sig[name] = f"tensordesc<{dtype}[1, 1, 2, {cfg.block_n}, {head_dim}]>" if pair else sig[own]
                 attrs.pop((fn.arg_names.index(name),), None)
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", 90, 32)

@@ -164,7 +164,7 @@ class GpuMonitor:
             if len(parts) != len(self.fields):
                 continue
             values = tuple(self._value(field, part) for field, part in zip(self.fields, parts))
-            if any(v is not None for v, field in zip(values, self.fields) if field in self.KEYS):
+            if any(v is not None for v in values):
                 self.samples.append((time.time(), values))
 
     def __exit__(self, *exc) -> None:

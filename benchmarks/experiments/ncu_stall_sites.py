@@ -10,7 +10,8 @@ inside each loop. ncu runs with ``--clock-control none`` (the device notes: leav
     python benchmarks/experiments/ncu_stall_sites.py summarize $OUT/<case>.csv  # anywhere (also .csv.gz)
 
 The run of 2026-12-02 (H200, the shipped kernels: ``rotated_full_tiles.patch`` was applied, so it ran with
-``DLDNA_ROTATE=0``) is kept as ``logs/ncu_stall_sites_<case>.csv.gz``; the experiments README reads it.
+``DLDNA_ROTATE=0``) is kept as ``logs/ncu_stall_sites_<case>.csv.gz``, the window case's rerun after the pair
+descriptors as ``logs/pair_desc/ncu_stall_sites_window_d64_n4096_fwd.csv.gz``; the experiments README reads them.
 """
 from __future__ import annotations
 
