@@ -56,6 +56,8 @@ def compile_one(fn, dtype, head_dim, cfg, flags, kernels=ft, sass=False):
                       EDGES_IN_ONE_LOOP=kernels._edges_in_one_loop(head_dim, band_lo))
     if hasattr(kernels, "_paired_edges"):  # an older module (a baseline of an A/B) has no PAIRED_EDGES
         constexprs["PAIRED_EDGES"] = kernels._paired_edges(head_dim, band_lo, band_hi, cfg)
+    if hasattr(kernels, "_early_dp"):  # nor EARLY_DP
+        constexprs["EARLY_DP"] = kernels._early_dp(head_dim, cfg)
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     constexprs.update({p.name: p.default for p in fn.params if p.is_constexpr and p.name not in constexprs})
     floats = {"qk_scale", "sm_scale"}

@@ -282,6 +282,30 @@ def test_triton_kernels_with_tiles_longer_than_wide_and_wider_than_long(block_m,
         ft.restore_tuning()
 
 
+@pytest.mark.parametrize("early_dp", [True, False])
+def test_dkdv_with_early_dp_or_without(early_dp, monkeypatch):
+    """The dK/dV kernel computes the same gradients whichever order ``_early_dp`` picks (the interpreter's 32 x 32
+    tiles would always take the early product)."""
+    _, ft = _triton_kernels()
+    asked = []
+    monkeypatch.setattr(ft, "_early_dp", lambda head_dim, cfg: asked.append(head_dim) or early_dp)
+    q, k, v, grad = _inputs(1, 4, 2, 75, 75, 32, torch.float16, seed=3)
+
+    def fn(q, k, v):
+        return flash_attention(q, k, v, causal=True, window=30, return_lse=True, backend="triton")
+
+    _check_against_reference(fn, q, k, v, grad, _mask(75, 75, True, 30), BOUNDS[torch.float16])
+    assert asked == [32]  # one dK/dV launch
+
+
+def test_early_dp_only_where_it_does_not_spill():
+    """``_early_dp``: every D <= 64 config, and at D = 128 the tiles smaller than 64 x 128."""
+    _, ft = _triton_kernels()
+    assert ft._early_dp(64, ft.KernelConfig(64, 128, 8, 3)) and ft._early_dp(128, ft.KernelConfig(32, 64, 4, 4))
+    assert ft._early_dp(128, ft.KernelConfig(32, 128, 8, 2))
+    assert not ft._early_dp(128, ft.KernelConfig(64, 128, 8, 2, tma=True))
+
+
 def test_each_config_forces_one_kernel_at_a_time_and_restores_tuning():
     _, ft = _triton_kernels()
     a, b = ft.KernelConfig(16, 16, 4, 1), ft.KernelConfig(32, 32, 4, 1)
@@ -590,15 +614,16 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         "         (ft._attn_bwd_dq, ft.KernelConfig(64, 64, 4, 3, tma=True), (True, True)),\n"
         "         (ft._attn_bwd_dkdv, ft.KernelConfig(64, 64, 4, 3), (True, True))]\n"
         "rows = [compile_one(fn, 'bf16', 64, cfg, flags, sass=True) for fn, cfg, flags in cases]\n"
-        "from benchmarks.experiments.sass_loops import tile_loops\n"
+        "from benchmarks.experiments.sass_loops import mma_among_exponentials, tile_loops\n"
+        "overlap = mma_among_exponentials(rows[2]['sass'])\n"
         "loops = [[size for size, _ in tile_loops(row.pop('sass'))] for row in rows]\n"
-        "print(json.dumps([rows, loops]))\n"
+        "print(json.dumps([rows, loops, overlap]))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows, loops = json.loads(result.stdout.strip().splitlines()[-1])
+    rows, loops, dkdv_overlap = json.loads(result.stdout.strip().splitlines()[-1])
     for row in rows:
         assert row["wgmma"] > 0 and row["mma_sync"] == 0, row
         assert row["spill_store_bytes"] == 0 and row["registers"] <= 255, row
@@ -607,3 +632,5 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     fwd, _, dkdv = loops
     assert len(fwd) == 3 and fwd[1] < min(fwd[0], fwd[2]), loops
     assert len(dkdv) == 2 and dkdv[0] < dkdv[1], loops
+    # EARLY_DP: both dK/dV loops issue the dP^T product among the exponentials of P^T
+    assert len(dkdv_overlap) == 2 and min(dkdv_overlap) > 0, dkdv_overlap

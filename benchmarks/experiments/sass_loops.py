@@ -38,6 +38,19 @@ def tile_loops(sass: str) -> list[tuple[int, dict]]:
             if body[-1].startswith("@") and any(t.startswith("HGMMA") for t in body)]
 
 
+def mma_among_exponentials(sass: str) -> list[int]:
+    """For each loop of ``tile_loops`` (same order): how many tensor-core MMAs (``HGMMA``) are issued between its
+    first and last exponential (``MUFU.EX2``), i.e. run while the exponentials do (0 if it has fewer than two)."""
+    counts = []
+    for _, _, body in sorted(loops(sass)):
+        if not (body[-1].startswith("@") and any(t.startswith("HGMMA") for t in body)):
+            continue
+        ops = [t.split()[1 if t.startswith("@") else 0] for t in body]
+        ex2 = [i for i, op in enumerate(ops) if op.startswith("MUFU.EX2")]
+        counts.append(sum(op.startswith("HGMMA") for op in ops[ex2[0]:ex2[-1]]) if len(ex2) > 1 else 0)
+    return counts
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", required=True, help="path of the baseline flash_triton.py")

@@ -409,10 +409,11 @@ def _head_source(T, b, h, stride_b, stride_h, USE_TMA: tl.constexpr):
 def _dkdv_block(dk, dv, k, v, Q, DO, LSE2, DELTA, stride_qn, stride_don, start_m, offs_n, offs_d, n_q,
                 band_lo, band_hi, qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                 HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, USE_TMA: tl.constexpr = False, b=0, h=0,
-                CHECK_N: tl.constexpr = True):
+                CHECK_N: tl.constexpr = True, EARLY_DP: tl.constexpr = False):
     """Fold query block [start_m, start_m + BLOCK_M) into dK, dV of one key block (transposed: keys are rows).
     LSE2: the base-2 LSE the dQ kernel stored. MASKED, CHECK_N (rows past n_q): as in ``_fwd_block``.
-    USE_TMA: ``Q``/``DO`` are 4-D tensor descriptors (rows past n_q arrive as zeros)."""
+    USE_TMA: ``Q``/``DO`` are 4-D tensor descriptors (rows past n_q arrive as zeros). EARLY_DP: start dP^T = V dO^T
+    before the exponentials (``_early_dp``), at the cost of one more live score tile."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _load_rows(Q, b, h, start_m, n_q, stride_qn, offs_d, BLOCK_M, MASKED and CHECK_N, USE_TMA)
     do = _load_rows(DO, b, h, start_m, n_q, stride_don, offs_d, BLOCK_M, MASKED and CHECK_N, USE_TMA)
@@ -423,11 +424,15 @@ def _dkdv_block(dk, dv, k, v, Q, DO, LSE2, DELTA, stride_qn, stride_don, start_m
     else:
         lse2 = tl.load(LSE2 + offs_m)
         delta = tl.load(DELTA + offs_m)
-    p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])  # P^T, (BLOCK_N, BLOCK_M)
+    qk_t = tl.dot(k, tl.trans(q))
+    if EARLY_DP:  # issued before the exponentials, so the tensor cores compute dP^T while they run
+        dp_t = tl.dot(v, tl.trans(do))
+    p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])  # P^T, (BLOCK_N, BLOCK_M)
     if MASKED:
         p_t = tl.where(_band_mask(offs_n, offs_m, n_q, band_lo, band_hi, HAS_LO, HAS_HI, CHECK_N), p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv)
-    dp_t = tl.dot(v, tl.trans(do))
+    if not EARLY_DP:
+        dp_t = tl.dot(v, tl.trans(do))
     ds_t = p_t * (dp_t - delta[None, :])
     dk = tl.dot(ds_t.to(q.dtype), q, dk)
     return dk, dv
@@ -441,7 +446,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, COL_SPAN, ROW_IDX,
                    H, GROUP, n_q, n_k, band_lo, band_hi, qk_scale, sm_scale, n_bh, heads_per_chunk,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, SPARSE: tl.constexpr, USE_TMA: tl.constexpr = False,
-                   LAYOUT_BLOCK: tl.constexpr = 1, RAGGED: tl.constexpr = True):
+                   LAYOUT_BLOCK: tl.constexpr = 1, RAGGED: tl.constexpr = True, EARLY_DP: tl.constexpr = False):
     """1-D grid of key blocks x B * Hkv (order: ``_tile``; under a causal mask the first key blocks are heaviest).
     band_lo/band_hi bound ``i - j`` (query minus key): the forward's band seen from the keys' side. SPARSE: the
     query blocks that keep this key block's layout column c, ROW_IDX[COL_SPAN[2c]:COL_SPAN[2c + 1]] (the spans of
@@ -483,7 +488,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, COL_SPAN, ROW_IDX,
             do_src = _head_source(DO, b, h, stride_dob, stride_doh, USE_TMA)
             dk, dv = _dkdv_block(dk, dv, k, v, q_src, do_src, LSE2 + (b * H + h) * n_q, DELTA + (b * H + h) * n_q,
                                  stride_qn, stride_don, start_m, offs_n, offs_d, n_q, band_lo, band_hi, qk_scale,
-                                 BLOCK_M, False, HAS_LO, HAS_HI, USE_TMA, b.to(tl.int32), h.to(tl.int32))
+                                 BLOCK_M, False, HAS_LO, HAS_HI, USE_TMA, b.to(tl.int32), h.to(tl.int32),
+                                 EARLY_DP=EARLY_DP)
     for it in range(0, GROUP * n_masked):  # partly masked query blocks (dense: left of the full ones, then right)
         g = it // tl.maximum(n_masked, 1)
         j = it - g * n_masked
@@ -497,7 +503,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE2, DELTA, COL_SPAN, ROW_IDX,
         dk, dv = _dkdv_block(dk, dv, k, v, q_src, do_src, LSE2 + (b * H + h) * n_q, DELTA + (b * H + h) * n_q,
                              stride_qn, stride_don, start_m, offs_n, offs_d, n_q, band_lo, band_hi, qk_scale, BLOCK_M,
                              True, HAS_LO and not SPARSE, HAS_HI and not SPARSE, USE_TMA, b.to(tl.int32),
-                             h.to(tl.int32), RAGGED or SPARSE)
+                             h.to(tl.int32), RAGGED or SPARSE, EARLY_DP)
     DK += b * stride_dkb + hk * stride_dkh
     DV += b * stride_dvb + hk * stride_dvh
     tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=cols)
@@ -525,7 +531,8 @@ class KernelConfig:
 # from 4k on the winners, 128 x 128 TMA tiles (each K/V tile read once for 128 query rows) and 128 x 64 ones
 # without TMA, are within 3 % of each other; with 3 stages the 128 x 128 tiles take 230,400 of the 232,448 bytes
 # of shared memory a block may use. Backward: dK/dV keep two (block_n x D) fp32 accumulators in registers, so a
-# wide key block needs 8 warps at D = 128.
+# wide key block needs 8 warps at D = 128; with dP^T issued early (``_early_dp``) the 32 x 64 TMA tiles on 4 warps
+# won dK/dV on every D = 128 row.
 _GPU_CONFIGS = {
     "fwd": {
         64: [KernelConfig(128, 64, 4, 3), KernelConfig(128, 64, 4, 4), KernelConfig(128, 128, 8, 3),
@@ -739,6 +746,15 @@ def _paired_edges(head_dim: int, band_lo, band_hi, cfg: KernelConfig) -> bool:
     return band_hi % cfg.block_n == 0 and (band_hi - band_lo + 1) % cfg.block_n == 0
 
 
+def _early_dp(head_dim: int, cfg: KernelConfig) -> bool:
+    """Whether the dK/dV kernel issues dP^T = V dO^T before the exponentials of P^T, so that the tensor cores run
+    it meanwhile (Triton waits for a product only where its result is used). That keeps one more score tile live:
+    compiled for sm_90a (Triton 3.6), no D <= 64 candidate spills with it and the other D = 128 ones spill at most
+    32 bytes more, but at D = 128 with 64 x 128 tiles, whose dK and dV accumulators alone take 128 registers per
+    thread, the spills grow from 56-88 to 136-308 bytes and the causal 16k backward ran 14 % slower (H200)."""
+    return head_dim <= 64 or cfg.block_m * cfg.block_n < 64 * 128
+
+
 def _wide_band(band_lo, band_hi, cfg: KernelConfig) -> bool:
     """The kernels' WIDE_BAND, ``band_hi - band_lo >= block_m + block_n``: left-edge tiles never check band_hi."""
     return band_lo is not None and band_hi is not None and band_hi - band_lo >= cfg.block_m + cfg.block_n
@@ -830,7 +846,8 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
             *_strides(do), *_strides(dk), *_strides(dv), h, group, n_q, n_k, t_lo or 0, t_hi or 0, scale * LOG2E,
             scale, b * n_kv, dkdv_chunk, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LO=t_lo is not None,
             HAS_HI=t_hi is not None, SPARSE=sparse, USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1,
-            RAGGED=n_q % cfg.block_m != 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            RAGGED=n_q % cfg.block_m != 0, EARLY_DP=_early_dp(d, cfg), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
 
     if sparse:
         key = (d, str(q.dtype), "layout", block, _pow2(n_q), _pow2(n_k), group > 1)
