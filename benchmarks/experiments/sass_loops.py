@@ -34,7 +34,12 @@ def tile_loops(sass: str) -> list[tuple[int, dict]]:
     """(instructions, top opcodes) of each loop over tiles, in code order: a loop closed by a conditional branch
     that issues tensor-core MMAs. (An unconditional backward branch returns from a retry stub of an mbarrier wait
     into the middle of a loop; it closes no loop.)"""
-    return [(len(body), opcode_counts(body)) for _, _, body in sorted(loops(sass))
+    return [(len(body), opcode_counts(body)) for body in _tile_loop_bodies(sass)]
+
+
+def _tile_loop_bodies(sass: str) -> list[list[str]]:
+    """The instructions of each loop over tiles, as ``tile_loops`` defines them, in code order."""
+    return [body for _, _, body in sorted(loops(sass))
             if body[-1].startswith("@") and any(t.startswith("HGMMA") for t in body)]
 
 
@@ -42,9 +47,7 @@ def mma_among_exponentials(sass: str) -> list[int]:
     """For each loop of ``tile_loops`` (same order): how many tensor-core MMAs (``HGMMA``) are issued between its
     first and last exponential (``MUFU.EX2``), i.e. run while the exponentials do (0 if it has fewer than two)."""
     counts = []
-    for _, _, body in sorted(loops(sass)):
-        if not (body[-1].startswith("@") and any(t.startswith("HGMMA") for t in body)):
-            continue
+    for body in _tile_loop_bodies(sass):
         ops = [t.split()[1 if t.startswith("@") else 0] for t in body]
         ex2 = [i for i, op in enumerate(ops) if op.startswith("MUFU.EX2")]
         counts.append(sum(op.startswith("HGMMA") for op in ops[ex2[0]:ex2[-1]]) if len(ex2) > 1 else 0)
