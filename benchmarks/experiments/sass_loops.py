@@ -23,7 +23,7 @@ import triton
 
 sys.path.insert(0, os.getcwd())
 from benchmarks.experiments.ab_kernels import ROWS, load_module  # noqa: E402
-from benchmarks.experiments.sass_sparse_dkdv import loops, opcode_counts  # noqa: E402
+from benchmarks.experiments.sass_sparse_dkdv import loops, opcode, opcode_counts  # noqa: E402
 from benchmarks.flash_compile_report import compile_one  # noqa: E402
 from dldna.kernels import flash_triton, report  # noqa: E402
 
@@ -48,7 +48,7 @@ def mma_among_exponentials(sass: str) -> list[int]:
     first and last exponential (``MUFU.EX2``), i.e. run while the exponentials do (0 if it has fewer than two)."""
     counts = []
     for body in _tile_loop_bodies(sass):
-        ops = [t.split()[1 if t.startswith("@") else 0] for t in body]
+        ops = [opcode(t) for t in body]
         ex2 = [i for i, op in enumerate(ops) if op.startswith("MUFU.EX2")]
         counts.append(sum(op.startswith("HGMMA") for op in ops[ex2[0]:ex2[-1]]) if len(ex2) > 1 else 0)
     return counts

@@ -41,9 +41,14 @@ def loops(sass: str) -> list[tuple[int, int, list[str]]]:
     return found
 
 
+def opcode(instruction: str) -> str:
+    """The opcode of one SASS instruction, with its modifiers (``MUFU.EX2``), after any predicate (``@P0``)."""
+    return instruction.split()[1 if instruction.startswith("@") else 0]
+
+
 def opcode_counts(body: list[str], top: int = 8) -> dict[str, int]:
     """The ``top`` most common opcodes of a list of SASS instructions (predicates and modifiers dropped)."""
-    ops = collections.Counter(t.split()[1 if t.startswith("@") else 0].split(".")[0] for t in body)
+    ops = collections.Counter(opcode(t).split(".")[0] for t in body)
     return dict(ops.most_common(top))
 
 

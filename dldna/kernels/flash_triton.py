@@ -749,10 +749,10 @@ def _paired_edges(head_dim: int, band_lo, band_hi, cfg: KernelConfig) -> bool:
 def _early_dp(head_dim: int, cfg: KernelConfig) -> bool:
     """Whether the dK/dV kernel issues dP^T = V dO^T before the exponentials of P^T, so that the tensor cores run
     it meanwhile (Triton waits for each product right after issuing it, but ptxas moves independent instructions,
-    here the exponentials, above that wait). That keeps one more score tile live:
-    compiled for sm_90a (Triton 3.6), no D <= 64 candidate spills with it and the other D = 128 ones spill at most
-    32 bytes more, but at D = 128 with 64 x 128 tiles, whose dK and dV accumulators alone take 128 registers per
-    thread, the spills grow from 56-88 to 136-308 bytes and the causal 16k backward ran 14 % slower (H200)."""
+    here the exponentials, above that wait). That keeps one more score tile live: compiled for sm_90a (Triton 3.6),
+    no D <= 64 candidate spills with it and the other D = 128 ones spill at most 32 bytes more, but at D = 128 with
+    64 x 128 tiles, whose dK and dV accumulators alone take 128 registers per thread, the spills grow from 56-88 to
+    136-308 bytes and the causal 16k backward ran 14 % slower (H200)."""
     return head_dim <= 64 or cfg.block_m * cfg.block_n < 64 * 128
 
 
