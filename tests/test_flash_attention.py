@@ -299,11 +299,12 @@ def test_dkdv_with_early_dp_or_without(early_dp, monkeypatch):
 
 
 def test_early_dp_only_where_it_does_not_spill():
-    """``_early_dp``: every D <= 64 config, and at D = 128 the tiles smaller than 64 x 128."""
+    """``_early_dp``: every D <= 64 config, and at D = 128 the tiles of at most 16 scores per thread."""
     _, ft = _triton_kernels()
     assert ft._early_dp(64, ft.KernelConfig(64, 128, 8, 3)) and ft._early_dp(128, ft.KernelConfig(32, 64, 4, 4))
-    assert ft._early_dp(128, ft.KernelConfig(32, 128, 8, 2))
+    assert ft._early_dp(128, ft.KernelConfig(32, 128, 8, 2)) and ft._early_dp(128, ft.KernelConfig(64, 64, 8, 3))
     assert not ft._early_dp(128, ft.KernelConfig(64, 128, 8, 2, tma=True))
+    assert not ft._early_dp(128, ft.KernelConfig(64, 64, 4, 2, tma=True))
 
 
 def test_each_config_forces_one_kernel_at_a_time_and_restores_tuning():

@@ -531,8 +531,9 @@ class KernelConfig:
 # from 4k on the winners, 128 x 128 TMA tiles (each K/V tile read once for 128 query rows) and 128 x 64 ones
 # without TMA, are within 3 % of each other; with 3 stages the 128 x 128 tiles take 230,400 of the 232,448 bytes
 # of shared memory a block may use. Backward: dK/dV keep two (block_n x D) fp32 accumulators in registers, so a
-# wide key block needs 8 warps at D = 128; with dP^T issued early (``_early_dp``) the 32 x 64 TMA tiles on 4 warps
-# won dK/dV on every D = 128 row.
+# wide key block needs 8 warps at D = 128. There, 64 x 64 TMA tiles on 4 warps with 2 stages (two programs per SM,
+# dP^T not early) took 3 to 13 % off the forward+backward of the 32 x 64 ones, whose S^T and dP^T steps are
+# 64 x 32 products with both operands in shared memory (benchmarks/experiments/logs/ab_dkdv64_*.json).
 _GPU_CONFIGS = {
     "fwd": {
         64: [KernelConfig(128, 64, 4, 3), KernelConfig(128, 64, 4, 4), KernelConfig(128, 128, 8, 3),
@@ -558,7 +559,8 @@ _GPU_CONFIGS = {
              KernelConfig(32, 64, 4, 4), KernelConfig(64, 64, 4, 3, tma=True), KernelConfig(64, 128, 8, 3, tma=True)],
         128: [KernelConfig(32, 128, 8, 3), KernelConfig(64, 128, 8, 3), KernelConfig(32, 64, 4, 4),
               KernelConfig(64, 128, 8, 2), KernelConfig(64, 128, 8, 2, tma=True), KernelConfig(32, 64, 4, 4, tma=True),
-              KernelConfig(64, 64, 8, 3, tma=True), KernelConfig(32, 128, 8, 2, tma=True)],
+              KernelConfig(64, 64, 8, 3, tma=True), KernelConfig(32, 128, 8, 2, tma=True),
+              KernelConfig(64, 64, 4, 2, tma=True)],
     },
 }
 # (Registers, spills and shared memory of each: benchmarks/flash_compile_report.py, results/flash_compile_report.json.)
@@ -749,11 +751,13 @@ def _paired_edges(head_dim: int, band_lo, band_hi, cfg: KernelConfig) -> bool:
 def _early_dp(head_dim: int, cfg: KernelConfig) -> bool:
     """Whether the dK/dV kernel issues dP^T = V dO^T before the exponentials of P^T, so that the tensor cores run
     it meanwhile (Triton waits for each product right after issuing it, but ptxas moves independent instructions,
-    here the exponentials, above that wait). That keeps one more score tile live: compiled for sm_90a (Triton 3.6),
-    no D <= 64 candidate spills with it and the other D = 128 ones spill at most 32 bytes more, but at D = 128 with
-    64 x 128 tiles, whose dK and dV accumulators alone take 128 registers per thread, the spills grow from 56-88 to
-    136-308 bytes and the causal 16k backward ran 14 % slower (H200)."""
-    return head_dim <= 64 or cfg.block_m * cfg.block_n < 64 * 128
+    here the exponentials, above that wait). That keeps one more score tile live. At D = 128, where the dK and dV
+    accumulators alone take 128 registers per thread, only tiles of at most 16 scores per thread take it. Compiled
+    for sm_90a (Triton 3.6), those spill at most 32 bytes more with it; with 32 scores per thread the spills grew
+    from 56-88 to 136-308 bytes (64 x 128 tiles on 8 warps: the causal 16k backward ran 14 % slower on an H200)
+    and from 88 to 276 (64 x 64 tiles on 4 warps, whose loop over full blocks went from 1 to 53 local-memory
+    accesses). No D <= 64 config spills with it."""
+    return head_dim <= 64 or cfg.block_m * cfg.block_n <= 16 * 32 * cfg.num_warps
 
 
 def _wide_band(band_lo, band_hi, cfg: KernelConfig) -> bool:
