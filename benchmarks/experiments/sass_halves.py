@@ -20,11 +20,9 @@ import time
 import triton
 
 sys.path.insert(0, os.getcwd())
-from benchmarks.experiments.sass_loops import mma_among_exponentials, tile_loops  # noqa: E402
+from benchmarks.experiments.sass_loops import FLAGS, mma_among_exponentials, tile_loops  # noqa: E402
 from benchmarks.flash_compile_report import compile_one  # noqa: E402
 from dldna.kernels import flash_triton as ft  # noqa: E402
-
-FLAGS = {"window": (True, True), "causal": (False, True)}  # (HAS_LO, HAS_HI)
 
 
 def cases():
