@@ -54,6 +54,17 @@ def force_winners(module, record, mask, d, n):
         report.force_tuned_configs(record, mask, d, n, kernels=module)
 
 
+def use_version(module, record, mask, d, n) -> None:
+    """Put ``module``'s kernels behind ``flash_attention``, forced onto the configs that won this row."""
+    fa._kernels = module
+    force_winners(module, record, mask, d, n)
+
+
+def parse_rows(specs, default=ROWS) -> list[tuple[str, int, int]]:
+    """``mask:head_dim:n`` strings as ``(mask, d, n)``; ``default`` if there are none."""
+    return [(m, int(d), int(n)) for m, d, n in (r.split(":") for r in specs)] if specs else default
+
+
 def max_abs_diff(tensors, others) -> float:
     """Largest elementwise difference between two lists of tensors (outputs and gradients), pair by pair."""
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(tensors, others))
@@ -105,14 +116,12 @@ def main():
     extra = [parse_extra(fa._kernels, spec) for spec in args.extra]
     record = json.load(open("results/flash_attention_bench.json"))
     rows, start = [], time.time()
-    rows_to_time = [(m, int(d), int(n)) for m, d, n in (r.split(":") for r in args.rows)] if args.rows else ROWS
-    for mask, d, n in rows_to_time:
+    for mask, d, n in parse_rows(args.rows):
         b, h = problem(n, d)
         case = BenchRow(mask, d, n)
 
         def use(name):
-            fa._kernels = versions[name]
-            force_winners(versions[name], record, mask, d, n)
+            use_version(versions[name], record, mask, d, n)
 
         results = {}
         for name in versions:
