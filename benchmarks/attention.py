@@ -3,7 +3,10 @@
 For N in {1k, 4k, 16k, 64k}, head_dim in {64, 128}, masks {causal, causal sliding window 1024}, forward and
 forward+backward, bf16, median time of ``triton.testing.do_bench`` with its default 25 ms warm-up and 100 ms of
 timed calls: long enough for the GPU to settle at the clock it holds under its power limit (from an idle GPU the
-same kernel timed up to 6 % faster); every row records the median SM clock and board power over its run. Peers:
+same kernel timed up to 6 % faster). Each row is timed in ``--rounds`` rounds (3), the implementations in reverse
+order every other round, and gives the median round: under the board's power cap a kernel's clock depends on what
+ran just before it, and one timing of a row was seen 3.5 to 8 % off its kernels' time in the same run. Every
+row records the median SM clock and board power over its rounds. Peers:
 ``scaled_dot_product_attention`` with the FLASH (FlashAttention-2), CUDNN and EFFICIENT backends (causal only: none
 takes a window without a dense mask) and ``flex_attention`` compiled, with its block mask built once per shape
 (``dldna.bench.flex_block_mask``). One extra row: a BigBird block layout, ``block_sparse_flash_attention`` vs
@@ -27,6 +30,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -197,7 +201,17 @@ class BenchRow:
         return [out.detach().clone()] + [t.grad.clone() for t in (self.q, self.k, self.v)]
 
 
-def time_case(case, deadline, rep_ms, log, warmup_ms=25.0, gpu=None):
+def round_order(impls: list[str], r: int) -> list[str]:
+    """The order of the implementations in round ``r``: as listed in even rounds, reversed in odd ones, so that each
+    one follows different implementations from round to round (under the board's power cap a kernel's clock depends
+    on what ran just before it)."""
+    return list(impls) if r % 2 == 0 else list(impls)[::-1]
+
+
+def time_case(case, deadline, rep_ms, log, warmup_ms=25.0, gpu=None, rounds=1):
+    """Rows of one case: every implementation, forward and forward+backward, timed in ``rounds`` rounds
+    (``round_order``). A row's ``ms`` is the median of its rounds (``ms_rounds``, in round order); the first round
+    is what a single-round run times."""
     from dldna.kernels import flash_triton as ft
 
     mask, d, n = case
@@ -205,27 +219,41 @@ def time_case(case, deadline, rep_ms, log, warmup_ms=25.0, gpu=None):
     layout = _layout(n) if mask == "bigbird" else None
     fwd_flops = 4.0 * d * b * h * allowed_pairs(n, mask, layout)
     case_row = BenchRow(mask, d, n)
-    rows = []
+    impls = list(case_row.fns)
+    keys = [(impl, pass_name) for impl in impls for pass_name in ("fwd", "fwd+bwd")]
+    times = {key: [] for key in keys}
+    spans = {key: [] for key in keys}  # (t0, t1) of each timing, for the clock and power samples
+    errors = {}
     log_start = len(ft.TUNING_LOG)
-    for impl in case_row.fns:
-        for pass_name, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
-            row = {"mask": mask, "head_dim": d, "n": n, "batch": b, "heads": h, "impl": impl, "pass": pass_name,
-                   "window": WINDOW if mask == "window" else None}
-            if time.time() > deadline:
-                row["error"] = "skipped: time budget of this run spent"
-                rows.append(row)
-                continue
-            t0 = time.time()
-            try:
-                ms = case_row.time(impl, pass_name, warmup_ms, rep_ms)
-                row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
-                if gpu is not None:
-                    row.update(gpu.between(t0, time.time()))
-            except Exception as err:
-                row["error"] = repr(err)[:300]
-            row["wall_s"] = round(time.time() - t0, 1)
-            rows.append(row)
-            log(row)
+    for r in range(rounds):
+        for impl in round_order(impls, r):
+            for key in ((impl, "fwd"), (impl, "fwd+bwd")):
+                if key in errors or time.time() > deadline:
+                    continue
+                t0 = time.time()
+                try:
+                    times[key].append(case_row.time(*key, warmup_ms, rep_ms))
+                except Exception as err:
+                    errors[key] = repr(err)[:300]
+                spans[key].append((t0, time.time()))
+    rows = []
+    for impl, pass_name in keys:
+        row = {"mask": mask, "head_dim": d, "n": n, "batch": b, "heads": h, "impl": impl, "pass": pass_name,
+               "window": WINDOW if mask == "window" else None}
+        done = times[(impl, pass_name)]
+        if done:
+            ms = statistics.median(done)
+            flops = fwd_flops * (1.0 if pass_name == "fwd" else 3.5)
+            row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+            if rounds > 1:
+                row["ms_rounds"] = done
+            if gpu is not None:
+                row.update(gpu.within(spans[(impl, pass_name)]))
+        else:
+            row["error"] = errors.get((impl, pass_name), "skipped: time budget of this run spent")
+        row["wall_s"] = round(sum(t1 - t0 for t0, t1 in spans[(impl, pass_name)]), 1)
+        rows.append(row)
+        log(row)
     tuning = ft.TUNING_LOG[log_start:]
     del case_row
     torch.cuda.empty_cache()
@@ -318,6 +346,9 @@ def main():
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop timing new rows after this many seconds")
     parser.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up per row (its default)")
     parser.add_argument("--rep-ms", type=float, default=100.0, help="do_bench timing window per row (its default)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times each row is timed (the order of the implementations reversed every other round); "
+                        "a row gives the median")
     parser.add_argument("--wait-file", default=None, help="compile at once, but time only once this file exists")
     parser.add_argument("--no-clock", action="store_true",
                         help="do not sample the SM clock and power (nvidia-smi) meanwhile")
@@ -370,7 +401,7 @@ def main():
         for case in all_cases:
             faulthandler.dump_traceback_later(120, exit=False)  # a row stuck for 2 minutes prints where it is
             try:
-                r, _ = time_case(case, deadline, args.rep_ms, log, args.warmup_ms, gpu)
+                r, _ = time_case(case, deadline, args.rep_ms, log, args.warmup_ms, gpu, args.rounds)
                 rows += r
             except Exception:
                 errors.append({"case": case, "error": traceback.format_exc()[-800:]})
@@ -387,7 +418,10 @@ def main():
         "dtype": "bfloat16",
         "flop_convention": "fwd 4*D*B*H*pairs (causal pairs N^2/2, windows/layouts exact); fwd+bwd 3.5x fwd",
         "timer": f"triton.testing.do_bench median, warm-up {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms, L2 flushed; "
-                 "sm_clock_mhz, power_w: medians of nvidia-smi samples over the row",
+                 f"{args.rounds} round(s) per row, the implementations reversed every other round, the median round "
+                 "(ms_rounds: each round's); sm_clock_mhz, power_w: medians of nvidia-smi samples over the row's "
+                 "rounds",
+        "rounds": args.rounds,
         "wall_s": round(time.time() - t0, 1),
     }
     command = command_line("python benchmarks/attention.py")

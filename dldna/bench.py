@@ -173,7 +173,11 @@ class GpuMonitor:
             self._proc.wait(timeout=5)
 
     def between(self, t0: float, t1: float) -> dict:
-        inside = [values for t, values in self.samples if t0 <= t <= t1]
+        return self.within([(t0, t1)])
+
+    def within(self, intervals: list[tuple[float, float]]) -> dict:
+        """As ``between``, over the samples of several ``(t0, t1)`` intervals together."""
+        inside = [values for t, values in self.samples if any(t0 <= t <= t1 for t0, t1 in intervals)]
         out = {}
         for i, field in enumerate(self.fields):
             seen = [values[i] for values in inside if values[i] is not None]

@@ -535,6 +535,21 @@ def test_tuned_configs_parse_the_stored_winners():
         tuned_configs(record, "causal", 64, 1024)
 
 
+def test_benchmark_rounds_reverse_the_order_every_other_round():
+    """``benchmarks/attention.py`` times each row in rounds; odd rounds reverse the order of the implementations, so
+    each one follows others than in the first round (which is the order of a single-round run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("attention_bench", "benchmarks/attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    impls = ["dldna", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex"]
+    orders = [bench.round_order(impls, r) for r in range(3)]
+    assert orders[0] == orders[2] == impls and orders[1] == impls[::-1]
+    before = [{order[i + 1]: order[i] for i in range(len(order) - 1)} for order in orders]
+    assert all(before[0].get(impl) != before[1].get(impl) for impl in impls)
+
+
 def test_force_tuned_configs_forces_the_stored_picks_until_restore_tuning():
     _, ft = _triton_kernels()
     from dldna.kernels.report import force_tuned_configs, tuned_configs

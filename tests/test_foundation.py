@@ -216,3 +216,14 @@ def test_gpu_monitor_keeps_the_values_of_other_fields(tmp_path, monkeypatch):
     _fake_nvidia_smi(tmp_path, monkeypatch, "1980, 0x0\\n1740, 0x4\\n1755, 0x4\\n")
     gpu, t0 = _sample(GpuMonitor(fields=("clocks.sm", "clocks_event_reasons.active")), 3)
     assert gpu.between(t0, time.time()) == {"sm_clock_mhz": 1755.0, "clocks_event_reasons.active": ["0x0", "0x4"]}
+
+
+def test_gpu_monitor_within_pools_the_samples_of_several_intervals():
+    """A row timed in rounds records the medians over all its rounds' samples, and none from between them."""
+    from dldna.bench import GpuMonitor
+
+    gpu = GpuMonitor()
+    gpu.samples = [(1.0, (1900.0, 600.0)), (2.0, (1500.0, 100.0)), (3.0, (1700.0, 700.0)), (4.0, (1800.0, None))]
+    assert gpu.within([(0.5, 1.5), (2.5, 4.5)]) == {"sm_clock_mhz": 1800.0, "power_w": 650.0}
+    assert gpu.within([(0.5, 1.5)]) == gpu.between(0.5, 1.5) == {"sm_clock_mhz": 1900.0, "power_w": 600.0}
+    assert gpu.within([]) == {"sm_clock_mhz": None, "power_w": None}
