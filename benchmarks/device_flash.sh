@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Chapter 5 on the device, one call of under 10 minutes (one H100/H200; the stored run took 130 s on an H200):
+# Chapter 5 on the device, one call of under 10 minutes (one H100/H200; the stored run, three rounds per row, took
+#   303 s on an H200):
 #   the GPU correctness matrix (benchmarks/gpu_test_flash.py) runs while benchmarks/attention.py pre-compiles,
 #   then the attention benchmark times every row with the GPU to itself (it waits for the .go file).
 #   run(command="bash benchmarks/device_flash.sh", timeout_s=600)
