@@ -22,22 +22,20 @@ import torch
 sys.path.insert(0, os.getcwd())
 from benchmarks.attention import WINDOW, BenchRow, allowed_pairs, problem  # noqa: E402
 from benchmarks.experiments.ab_kernels import load_module, parse_rows, save_rows, use_version  # noqa: E402
+from dldna.attention import attention, sliding_window_mask  # noqa: E402
 
 ROWS = [("window", 64, 4096), ("window", 64, 16384), ("window", 64, 65536), ("causal", 64, 4096),
         ("window", 128, 16384), ("causal", 128, 16384)]
 
 
 def reference_error(out: torch.Tensor, case: BenchRow, mask: str) -> float:
-    """Largest |out - float64 attention| over the first head of the first batch entry, relative to max |ref|."""
+    """Largest |out - float64 attention| over the first head of the first batch entry, relative to max |ref|
+    (the reference: ``dldna.attention.attention``, with ``sliding_window_mask`` for windows)."""
     q, k, v = (t[:1, :1].double() for t in (case.q, case.k, case.v))
-    n = q.shape[2]
-    rows = torch.arange(n, device=q.device)[:, None]
-    cols = torch.arange(n, device=q.device)[None, :]
-    allowed = cols <= rows
     if mask == "window":
-        allowed &= cols > rows - WINDOW
-    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
-    ref = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
+        ref = attention(q, k, v, mask=sliding_window_mask(q.shape[2], WINDOW).to(q.device))
+    else:
+        ref = attention(q, k, v, causal=True)
     return ((out[:1, :1].double() - ref).abs().max() / ref.abs().max()).item()
 
 
