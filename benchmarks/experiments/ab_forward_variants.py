@@ -5,7 +5,10 @@ Each module file given is timed on every row with the forward config that won th
 ``results/flash_attention_bench.json``, the versions in a rotating order over ``--rounds`` rounds, beside the row's
 peer (FlexAttention for windows, cuDNN for causal rows). The first file is the baseline: every other version's
 output is compared with it (largest difference) and, on the first head of the first batch entry, all versions'
-are compared with a float64 reference. The JSON keeps every round's ``do_bench`` median.
+are compared with a float64 reference. The JSON keeps every round's ``do_bench`` median. ``--config
+NAME@D=SPEC`` times version NAME (a file's name without ``.py``) at head_dim D on another forward config than the
+stored winner: SPEC is ``bm,bn,warps,stages,tma`` followed by any ``field=value`` of ``KernelConfig`` (e.g.
+``persistent=2``) and ``maxnreg=R`` (a Triton launch option). The same file may be given under several names.
 
     PYTHONPATH=$PWD python benchmarks/experiments/ab_forward_variants.py base.py lazy.py --rounds 3 --out x.json
 """
@@ -21,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 from benchmarks.attention import WINDOW, BenchRow, allowed_pairs, problem  # noqa: E402
-from benchmarks.experiments.ab_kernels import load_module, parse_rows, save_rows, use_version  # noqa: E402
+from benchmarks.experiments.ab_kernels import WithOptions, load_module, parse_rows, save_rows, use_version  # noqa: E402
 from dldna.attention import attention, sliding_window_mask  # noqa: E402
 
 ROWS = [("window", 64, 4096), ("window", 64, 16384), ("window", 64, 65536), ("causal", 64, 4096),
@@ -39,18 +42,34 @@ def reference_error(out: torch.Tensor, case: BenchRow, mask: str) -> float:
     return ((out[:1, :1].double() - ref).abs().max() / ref.abs().max()).item()
 
 
+def parse_config(module, spec: str):
+    """``bm,bn,warps,stages,tma[,field=value...][,maxnreg=R]`` -> (``module.KernelConfig``, maxnreg or None)."""
+    values = spec.split(",")
+    fields = dict(item.split("=") for item in values[5:])
+    maxnreg = fields.pop("maxnreg", None)
+    config = module.KernelConfig(*map(int, values[:4]), tma=values[4] == "1", **{k: int(v) for k, v in fields.items()})
+    return config, int(maxnreg) if maxnreg else None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="+", help="flash_triton.py files; the first is the baseline")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rows", nargs="*", default=None, help="mask:head_dim:n (default: ROWS)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--config", nargs="*", default=[], help="NAME@D=SPEC: version NAME's forward config at D")
     args = parser.parse_args()
     torch._dynamo.config.cache_size_limit = 64
     torch._dynamo.config.accumulated_cache_size_limit = 512
     names = [os.path.basename(path).removesuffix(".py") for path in args.modules]
     versions = {name: load_module(path, f"flash_variant_{i}") for i, (name, path) in
                 enumerate(zip(names, args.modules))}
+    configs = {}  # (name, head_dim) -> (KernelConfig, maxnreg)
+    for item in args.config:
+        target, spec = item.split("=", 1)
+        name, d = target.split("@")
+        configs[(name, int(d))] = parse_config(versions[name], spec)
+    plain_fwd = {name: module._attn_fwd for name, module in versions.items()}
     record = json.load(open("results/flash_attention_bench.json"))
     rows, start = [], time.time()
     for mask, d, n in parse_rows(args.rows, ROWS):
@@ -58,9 +77,18 @@ def main():
         case = BenchRow(mask, d, n)
 
         def use(name):
-            use_version(versions[name], record, mask, d, n)
+            module = versions[name]
+            use_version(module, record, mask, d, n)
+            module._attn_fwd = plain_fwd[name]
+            if (name, d) in configs:
+                config, maxnreg = configs[(name, d)]
+                module.force_config("fwd", config)
+                if maxnreg:
+                    module._attn_fwd = WithOptions(plain_fwd[name], maxnreg=maxnreg)
 
-        row = {"mask": mask, "d": d, "n": n, "flops_fwd": 4.0 * d * b * h * allowed_pairs(n, mask)}
+        row = {"mask": mask, "d": d, "n": n, "flops_fwd": 4.0 * d * b * h * allowed_pairs(n, mask),
+               "configs": {name: repr(configs[(name, d)][0]) if (name, d) in configs else "stored winner"
+                           for name in names}}
         outputs = {}
         for name in names:
             use(name)
