@@ -2,8 +2,8 @@
 
 Where does a sliding window's backward lose against a causal one? At causal 16k, D = 128 the dQ kernel computes
 its three matrix products at 630 TFLOP/s; on the window 1024 it reaches 440. A program's fixed costs (its prologue:
-loading Q, dO, O and computing delta; its epilogue; the partly masked edge steps; the grid's last wave) are the
-same for every window, while the full steps grow with it. So the kernels are timed at several windows, on the
+loading Q, dO, O and computing delta; its epilogue; the partly masked edge steps; the launch) are the same for
+every window, while the full steps grow with it. So the kernels are timed at several windows, on the
 configs that won the window 1024 row in ``results/flash_attention_bench.json`` (forced, nothing is tuned), and a
 line ``t = fixed + per_key * window`` is fitted per kernel: ``fixed / t(1024)`` is the share of the time a
 longer loop would not dilute.
