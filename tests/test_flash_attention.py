@@ -536,19 +536,19 @@ def test_tuned_configs_parse_the_stored_winners():
 
 
 def test_experiment_helpers_fit_lines_and_parse_configs():
-    """``kernel_split.fit_line`` recovers a kernel's fixed part and slope; ``ab_forward_variants.parse_config`` reads
-    a config with extra fields and the ``maxnreg`` launch option (and rejects a field KernelConfig lacks)."""
+    """``kernel_split.fit_line`` recovers a kernel's fixed part and slope; ``ab_kernels.parse_extra`` reads a config
+    with extra fields and the ``maxnreg`` launch option, named or plain (and rejects a field KernelConfig lacks)."""
     _, ft = _triton_kernels()
-    from benchmarks.experiments.ab_forward_variants import parse_config
+    from benchmarks.experiments.ab_kernels import parse_extra
     from benchmarks.experiments.kernel_split import fit_line
 
     fixed, slope = fit_line([256, 512, 1024, 2048], [0.1 + 2e-4 * w for w in (256, 512, 1024, 2048)])
     assert fixed == pytest.approx(0.1) and slope == pytest.approx(2e-4)
-    config, maxnreg = parse_config(ft, "64,64,4,2,1,maxnreg=128")
-    assert config == ft.KernelConfig(64, 64, 4, 2, tma=True) and maxnreg == 128
-    assert parse_config(ft, "128,64,8,3,0") == (ft.KernelConfig(128, 64, 8, 3), None)
+    assert parse_extra(ft, "64,64,4,2,1,maxnreg=128") == ("fwd", ft.KernelConfig(64, 64, 4, 2, tma=True), 128)
+    assert parse_extra(ft, "dq:64,64,4,2,1,96") == ("dq", ft.KernelConfig(64, 64, 4, 2, tma=True), 96)
+    assert parse_extra(ft, "128,64,8,3,0") == ("fwd", ft.KernelConfig(128, 64, 8, 3), None)
     with pytest.raises(TypeError):
-        parse_config(ft, "64,64,4,2,1,persistent=2")  # the shipped kernels have no persistent grid
+        parse_extra(ft, "64,64,4,2,1,persistent=2")  # the shipped kernels have no persistent grid
 
 
 def test_benchmark_rounds_reverse_the_order_every_other_round():

@@ -7,8 +7,9 @@ peer (FlexAttention for windows, cuDNN for causal rows). The first file is the b
 output is compared with it (largest difference) and, on the first head of the first batch entry, all versions'
 are compared with a float64 reference. The JSON keeps every round's ``do_bench`` median. ``--config
 NAME@D=SPEC`` times version NAME (a file's name without ``.py``) at head_dim D on another forward config than the
-stored winner: SPEC is ``bm,bn,warps,stages,tma`` followed by any ``field=value`` of ``KernelConfig`` (e.g.
-``persistent=2``) and ``maxnreg=R`` (a Triton launch option). The same file may be given under several names.
+stored winner: SPEC as ``ab_kernels.parse_extra`` reads it, ``bm,bn,warps,stages,tma`` followed by any
+``field=value`` of ``KernelConfig`` (e.g. ``persistent=2``) and ``maxnreg=R`` (a Triton launch option). The same
+file may be given under several names.
 
     PYTHONPATH=$PWD python benchmarks/experiments/ab_forward_variants.py base.py lazy.py --rounds 3 --out x.json
 """
@@ -24,7 +25,8 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 from benchmarks.attention import WINDOW, BenchRow, allowed_pairs, problem  # noqa: E402
-from benchmarks.experiments.ab_kernels import WithOptions, load_module, parse_rows, save_rows, use_version  # noqa: E402
+from benchmarks.experiments.ab_kernels import (  # noqa: E402
+    WithOptions, load_module, parse_extra, parse_rows, save_rows, use_version)
 from dldna.attention import attention, sliding_window_mask  # noqa: E402
 
 ROWS = [("window", 64, 4096), ("window", 64, 16384), ("window", 64, 65536), ("causal", 64, 4096),
@@ -40,15 +42,6 @@ def reference_error(out: torch.Tensor, case: BenchRow, mask: str) -> float:
     else:
         ref = attention(q, k, v, causal=True)
     return ((out[:1, :1].double() - ref).abs().max() / ref.abs().max()).item()
-
-
-def parse_config(module, spec: str):
-    """``bm,bn,warps,stages,tma[,field=value...][,maxnreg=R]`` -> (``module.KernelConfig``, maxnreg or None)."""
-    values = spec.split(",")
-    fields = dict(item.split("=") for item in values[5:])
-    maxnreg = fields.pop("maxnreg", None)
-    config = module.KernelConfig(*map(int, values[:4]), tma=values[4] == "1", **{k: int(v) for k, v in fields.items()})
-    return config, int(maxnreg) if maxnreg else None
 
 
 def main():
@@ -68,7 +61,10 @@ def main():
     for item in args.config:
         target, spec = item.split("=", 1)
         name, d = target.split("@")
-        configs[(name, int(d))] = parse_config(versions[name], spec)
+        kernel, config, maxnreg = parse_extra(versions[name], spec)
+        if kernel != "fwd":
+            raise ValueError(f"--config sets forward configs only, got {item!r}")
+        configs[(name, int(d))] = config, maxnreg
     plain_fwd = {name: module._attn_fwd for name, module in versions.items()}
     record = json.load(open("results/flash_attention_bench.json"))
     rows, start = [], time.time()

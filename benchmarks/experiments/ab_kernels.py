@@ -82,11 +82,15 @@ def save_rows(path: str, rows: list[dict]) -> None:
 
 
 def parse_extra(module, spec: str):
-    """``[dq:|dkdv:]bm,bn,warps,stages,tma[,maxnreg]`` -> (kernel, KernelConfig, maxnreg or None)."""
+    """``[dq:|dkdv:]bm,bn,warps,stages,tma[,maxnreg]`` -> (kernel, KernelConfig, maxnreg or None). After ``tma``,
+    ``field=value`` items set other ``KernelConfig`` fields and ``maxnreg=R`` the launch option."""
     kernel, _, fields = spec.rpartition(":")
     values = fields.split(",")
-    config = module.KernelConfig(*map(int, values[:4]), tma=values[4] == "1")
-    return kernel or "fwd", config, int(values[5]) if len(values) > 5 else None
+    named = dict(item.split("=") for item in values[5:] if "=" in item)
+    plain = [item for item in values[5:] if "=" not in item]
+    maxnreg = named.pop("maxnreg", plain[0] if plain else None)
+    config = module.KernelConfig(*map(int, values[:4]), tma=values[4] == "1", **{k: int(v) for k, v in named.items()})
+    return kernel or "fwd", config, int(maxnreg) if maxnreg else None
 
 
 class WithOptions:

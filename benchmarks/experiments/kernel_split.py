@@ -28,15 +28,14 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 from benchmarks.attention import problem  # noqa: E402
-from benchmarks.experiments.ab_kernels import KERNELS, load_module, max_abs_diff, save_rows  # noqa: E402
-from dldna.kernels import report  # noqa: E402
+from benchmarks.experiments.ab_kernels import KERNELS, load_module, max_abs_diff, save_rows, use_version  # noqa: E402
 
 fa = importlib.import_module("dldna.kernels.flash_attention")  # the module (the package exports its function)
 
 
-def kernel_ms(step, iters: int) -> dict[str, float]:
-    """Mean device ms per launch of each of our kernels over ``iters`` calls of ``step`` (L2 flushed before each)."""
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+def kernel_ms(step, iters: int, flush: torch.Tensor) -> dict[str, float]:
+    """Mean device ms per launch of each of our kernels over ``iters`` calls of ``step``, with ``flush`` (a buffer
+    larger than the L2) zeroed before each."""
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -80,6 +79,7 @@ def main():
     q, k, v = (torch.randn(b, h, args.n, args.d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
                for _ in range(3))
     grad = torch.randn(q.shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
     rows, start = [], time.time()
     for window in args.windows:
         def step():
@@ -90,8 +90,7 @@ def main():
         row = {"d": args.d, "n": args.n, "batch": b, "heads": h, "window": window, "ms": {}, "max_abs_diff": {}}
         outputs = {}
         for name in names:
-            fa._kernels = versions[name]
-            report.force_tuned_configs(record, "window", args.d, args.n, kernels=versions[name])
+            use_version(versions[name], record, "window", args.d, args.n)
             for t in (q, k, v):
                 t.grad = None
             out = fa.flash_attention(q, k, v, causal=True, window=window)
@@ -101,9 +100,8 @@ def main():
         del outputs
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                fa._kernels = versions[name]
-                report.force_tuned_configs(record, "window", args.d, args.n, kernels=versions[name])
-                for kernel, ms in kernel_ms(step, args.iters).items():
+                use_version(versions[name], record, "window", args.d, args.n)
+                for kernel, ms in kernel_ms(step, args.iters, flush).items():
                     row["ms"].setdefault(name, {}).setdefault(kernel, []).append(ms)
         medians = {name: {kern: round(sorted(ms)[len(ms) // 2], 4) for kern, ms in per.items()}
                    for name, per in row["ms"].items()}
