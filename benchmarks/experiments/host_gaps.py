@@ -28,7 +28,8 @@ from benchmarks.experiments.ab_kernels import force_winners, parse_rows, save_ro
 from dldna.kernels import flash_triton  # noqa: E402
 
 
-def _step(row: BenchRow, impl: str, pass_name: str):
+def call_of(row: BenchRow, impl: str, pass_name: str):
+    """One benchmark call of ``impl`` on ``row``: the forward under ``no_grad`` or ``fn().backward(grad)``."""
     fn = row.fns[impl]
     if pass_name == "fwd":
         def step():
@@ -111,7 +112,7 @@ def main():
         inputs = (row.q, row.k, row.v)
         for impl in ("dldna", row.peer):
             for pass_name in args.passes:
-                step = _step(row, impl, pass_name)
+                step = call_of(row, impl, pass_name)
                 result = {"mask": mask, "d": d, "n": n, "impl": impl, "pass": pass_name,
                           "eager_ms": [], "graph_ms": []}
                 try:
