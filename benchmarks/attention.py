@@ -160,11 +160,8 @@ def compile_jobs(all_cases):
     return [("ours", job) for job in ours] + [("peers", case) for case in all_cases]
 
 
-def time_pass(fn, pass_name: str, grad, inputs, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
-    """Median ms of one row: ``fn()`` without autograd (``"fwd"``) or ``fn().backward(grad)`` (``"fwd+bwd"``), timed
-    by ``do_bench`` with the gradients of ``inputs`` cleared before every call."""
-    import triton
-
+def pass_call(fn, pass_name: str, grad):
+    """One timed call of a row: ``fn()`` without autograd (``"fwd"``) or ``fn().backward(grad)`` (``"fwd+bwd"``)."""
     if pass_name == "fwd":
         def run():
             with torch.no_grad():
@@ -174,7 +171,16 @@ def time_pass(fn, pass_name: str, grad, inputs, warmup_ms: float = 25.0, rep_ms:
             fn().backward(grad)
     else:
         raise ValueError(f"pass_name must be 'fwd' or 'fwd+bwd', got {pass_name!r}")
-    return triton.testing.do_bench(run, warmup=warmup_ms, rep=rep_ms, grad_to_none=list(inputs), return_mode="median")
+    return run
+
+
+def time_pass(fn, pass_name: str, grad, inputs, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
+    """Median ms of one row: ``pass_call(fn, pass_name, grad)`` timed by ``do_bench`` with the gradients of ``inputs``
+    cleared before every call."""
+    import triton
+
+    return triton.testing.do_bench(pass_call(fn, pass_name, grad), warmup=warmup_ms, rep=rep_ms,
+                                   grad_to_none=list(inputs), return_mode="median")
 
 
 class BenchRow:

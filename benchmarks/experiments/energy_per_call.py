@@ -21,9 +21,8 @@ import time
 import torch
 
 sys.path.insert(0, os.getcwd())
-from benchmarks.attention import BenchRow, allowed_pairs, problem  # noqa: E402
+from benchmarks.attention import BenchRow, allowed_pairs, pass_call, problem  # noqa: E402
 from benchmarks.experiments.ab_kernels import force_winners, parse_rows, save_rows  # noqa: E402
-from benchmarks.experiments.host_gaps import call_of  # noqa: E402
 from dldna.kernels import flash_triton  # noqa: E402
 
 
@@ -76,7 +75,7 @@ def main():
             for r in range(args.rounds):
                 impls = ["dldna", row.peer] if r % 2 == 0 else [row.peer, "dldna"]
                 for impl in impls:
-                    result = measure(call_of(row, impl, pass_name), inputs, args.seconds, nvml, handle)
+                    result = measure(pass_call(row.fns[impl], pass_name, row.grad), inputs, args.seconds, nvml, handle)
                     flops = flops_fwd * (1.0 if pass_name == "fwd" else 3.5)
                     result.update({"mask": mask, "d": d, "n": n, "impl": impl, "pass": pass_name, "round": r,
                                    "tflop_per_joule": flops / result["joules_per_call"] / 1e12})

@@ -23,22 +23,9 @@ import torch
 import triton
 
 sys.path.insert(0, os.getcwd())
-from benchmarks.attention import BenchRow  # noqa: E402
+from benchmarks.attention import BenchRow, pass_call  # noqa: E402
 from benchmarks.experiments.ab_kernels import force_winners, parse_rows, save_rows  # noqa: E402
 from dldna.kernels import flash_triton  # noqa: E402
-
-
-def call_of(row: BenchRow, impl: str, pass_name: str):
-    """One benchmark call of ``impl`` on ``row``: the forward under ``no_grad`` or ``fn().backward(grad)``."""
-    fn = row.fns[impl]
-    if pass_name == "fwd":
-        def step():
-            with torch.no_grad():
-                fn()
-    else:
-        def step():
-            fn().backward(row.grad)
-    return step
 
 
 def graph_of(step, inputs):
@@ -112,7 +99,7 @@ def main():
         inputs = (row.q, row.k, row.v)
         for impl in ("dldna", row.peer):
             for pass_name in args.passes:
-                step = call_of(row, impl, pass_name)
+                step = pass_call(row.fns[impl], pass_name, row.grad)
                 result = {"mask": mask, "d": d, "n": n, "impl": impl, "pass": pass_name,
                           "eager_ms": [], "graph_ms": []}
                 try:
