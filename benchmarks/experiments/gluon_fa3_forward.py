@@ -1,0 +1,335 @@
+"""Scratch: an FA3-style causal forward written in Gluon (``triton.experimental.gluon``), Triton's lower-level
+dialect where the kernel itself lays out warps, shared memory, barriers and asynchronous tensor-core calls.
+
+The shipped forward (``dldna.kernels.flash_triton._attn_fwd``) is one program of 8 warps that waits on each
+tile's matmul before its softmax; Triton 3.6 has no pass that overlaps them on NVIDIA GPUs. FlashAttention-3 (Shah
+et al. 2024) gets its last ~15 % on Hopper from two things this script writes by hand:
+- warp specialisation: one loader warpgroup issues the TMA copies of K and V into a two-stage ring of shared memory
+  while two consumer warpgroups, 64 query rows each, run the matmuls and the softmax; the loader gives its registers
+  to the consumers (``setmaxnreg``), so each consumer can keep its 64 x 128 scores and 64 x D output in registers;
+- (``--overlap``, "v2") the overlap inside a consumer: the score matmul of key tile j is issued, then the P @ V
+  matmul of tile j-1, and the softmax of tile j runs while that second matmul is still in flight.
+The two consumers are scheduled by the hardware, not by FA3's named-barrier ping-pong.
+
+Gluon kernels do not run under ``TRITON_INTERPRET=1``, so nothing here can ship to the book (its CI is CPU-only);
+the script measures whether the approach pays, on one H200, against the shipped kernel and cuDNN in one process.
+Limits: bf16, causal, ``N % 128 == 0``, D in {64, 128}, no backward.
+
+    PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_forward.py --out benchmarks/experiments/logs
+        [--rounds 5] [--variants gluon_v1 gluon_v2_overlap ...] [--cases 128:16384 64:4096 ...]
+    python benchmarks/experiments/gluon_fa3_forward.py --compile-only     # sm_90a registers/spills, no GPU needed
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+LOG2E = 1.4426950408889634
+BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64
+BLOCK_N = gl.constexpr(128)  # keys per tile
+REGS_CONSUMER = gl.constexpr(240)  # setmaxnreg per thread: 2 x 128 x 240 + 128 x 24 <= 64k registers
+REGS_LOADER = gl.constexpr(24)
+MAXNREG = 168  # at launch all 384 threads share the register file: 65536 / 384 = 170, rounded down to 8
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, bufs, n_ctx):
+    """The producer warpgroup: both halves of the Q block once, then K and V tile by tile into the ring."""
+    q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, k_empty, v_empty = bufs
+    STAGES: gl.constexpr = k_bufs.shape[0]
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)  # the longest query blocks first
+    row0 = gl.program_id(1) * n_ctx
+    q_row = row0 + pid_m * 128
+    mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_ready, q_bufs.index(0))
+    tma.async_copy_global_to_shared(q_desc, [q_row + 64, 0], q_ready, q_bufs.index(1))
+    n_tiles = (pid_m + 1) * 128 // BLOCK_N
+    for j in range(n_tiles):
+        s = j % STAGES
+        phase = (j // STAGES) & 1
+        mbarrier.wait(k_empty.index(s), phase ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row0 + j * BLOCK_N, 0], k_ready.index(s), k_bufs.index(s))
+        mbarrier.wait(v_empty.index(s), phase ^ 1)
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [row0 + j * BLOCK_N, 0], v_ready.index(s), v_bufs.index(s))
+
+
+@gluon.jit
+def _online_softmax(scores, m_i, l_i, rows, keys, qk_scale, diagonal):
+    """One key tile of the online softmax in base 2, the causal mask applied on the ``diagonal`` tile:
+    ``(p, alpha, m_new, l_new)`` with ``alpha`` the factor that rescales the output accumulated so far."""
+    if diagonal:
+        scores = gl.where(gl.expand_dims(rows, 1) >= gl.expand_dims(keys, 0), scores, -float("inf"))
+    m_new = gl.maximum(m_i, gl.max(scores, axis=1) * qk_scale)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(scores * qk_scale - gl.expand_dims(m_new, 1))
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@gluon.jit
+def _consumer(o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM: gl.constexpr, OVERLAP: gl.constexpr,
+              HALF: gl.constexpr):
+    """One consumer warpgroup: query rows ``HALF * 64 .. + 64`` of the block; scores and output in registers."""
+    q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, k_empty, v_empty = bufs
+    STAGES: gl.constexpr = k_bufs.shape[0]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    bh = gl.program_id(1)
+    q_start = pid_m * 128 + HALF * 64  # first query row of this warpgroup, within the head
+    n_tiles = (pid_m + 1) * 128 // BLOCK_N
+    q_smem = q_bufs.index(HALF)
+    mbarrier.wait(q_ready, 0)
+
+    m_i = gl.full([64], -float("inf"), gl.float32, s_rows)
+    l_i = gl.full([64], 0.0, gl.float32, s_rows)
+    acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
+    zeros_s = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
+    rows = q_start + gl.arange(0, 64, s_rows)
+    cols = gl.arange(0, BLOCK_N, s_cols)
+
+    if OVERLAP:
+        # tile 0 alone: its scores, softmax and P kept for the next iteration's P @ V
+        mbarrier.wait(k_ready.index(0), 0)
+        s_tok = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+        scores = warpgroup_mma_wait(0, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(0))
+        p, _, m_i, l_i = _online_softmax(scores, m_i, l_i, rows, cols, qk_scale, n_tiles == 1)
+        p_prev = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+        for j in range(1, n_tiles):
+            s = j % STAGES
+            phase = (j // STAGES) & 1
+            sp = (j - 1) % STAGES
+            phase_p = ((j - 1) // STAGES) & 1
+            mbarrier.wait(k_ready.index(s), phase)
+            s_tok = warpgroup_mma(q_smem, k_bufs.index(s).permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(sp), phase_p)
+            o_tok = warpgroup_mma(p_prev, v_bufs.index(sp), acc, is_async=True)
+            scores = warpgroup_mma_wait(1, deps=[s_tok])
+            mbarrier.arrive(k_empty.index(s))
+            p, alpha, m_i, l_i = _online_softmax(scores, m_i, l_i, rows, j * BLOCK_N + cols, qk_scale,
+                                                 j == n_tiles - 1)
+            p_next = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            acc = warpgroup_mma_wait(0, deps=[o_tok])
+            mbarrier.arrive(v_empty.index(sp))
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+            p_prev = p_next
+        sl = (n_tiles - 1) % STAGES
+        mbarrier.wait(v_ready.index(sl), ((n_tiles - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(p_prev, v_bufs.index(sl), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[o_tok])
+        mbarrier.arrive(v_empty.index(sl))
+    else:
+        for j in range(n_tiles):
+            s = j % STAGES
+            phase = (j // STAGES) & 1
+            mbarrier.wait(k_ready.index(s), phase)
+            s_tok = warpgroup_mma(q_smem, k_bufs.index(s).permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+            scores = warpgroup_mma_wait(0, deps=[s_tok])
+            mbarrier.arrive(k_empty.index(s))
+            p, alpha, m_i, l_i = _online_softmax(scores, m_i, l_i, rows, j * BLOCK_N + cols, qk_scale,
+                                                 j == n_tiles - 1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+            mbarrier.wait(v_ready.index(s), phase)
+            o_tok = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_bufs.index(s), acc,
+                                  is_async=True)
+            acc = warpgroup_mma_wait(0, deps=[o_tok])
+            mbarrier.arrive(v_empty.index(s))
+
+    out = acc / gl.expand_dims(gl.convert_layout(l_i, o_rows), 1)
+    q_smem.store(out.to(gl.bfloat16))  # Q is no longer read: its buffer stages the output for the TMA store
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [bh * n_ctx + q_start, 0], q_smem)
+    lse = (m_i + gl.log2(l_i)) / 1.4426950408889634  # natural log, as dldna's kernels return it
+    gl.store(lse_ptr + bh * n_ctx + rows, lse)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, n_ctx, qk_scale, HEAD_DIM: gl.constexpr,
+             OVERLAP: gl.constexpr, STAGES: gl.constexpr):
+    """Grid ``(N / 128, B * H)``; q, k, v, o are 2-D ``(B * H * N, D)`` tensor descriptors."""
+    q_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, 64, HEAD_DIM], q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    mbarrier.init(q_ready, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(s), count=1)
+        mbarrier.init(v_ready.index(s), count=1)
+        mbarrier.init(k_empty.index(s), count=2)  # released by both consumers
+        mbarrier.init(v_empty.index(s), count=2)
+    fence_async_shared()
+
+    bufs = (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, k_empty, v_empty)
+    gl.warp_specialize([(_consumer, (o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM, OVERLAP, 0)),
+                        (_consumer, (o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM, OVERLAP, 1)),
+                        (_loader, (q_desc, k_desc, v_desc, bufs, n_ctx))], [4, 4], [REGS_CONSUMER, REGS_LOADER])
+
+
+
+def _descriptor(t, rows):
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    block = [rows, t.shape[-1]]
+    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+
+
+def fa3_forward(q, k, v, overlap=True, stages=2):
+    """Causal attention of bf16 ``(B, H, N, D)`` q, k, v: ``(out, lse)``, lse ``(B, H, N)`` float32 natural log.
+    ``stages``: K/V tiles in flight in shared memory."""
+    b, h, n, d = q.shape
+    if q.dtype != torch.bfloat16 or n % BLOCK_M or d not in (64, 128) or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must be bf16 (B, H, N, D) of one shape with N % 128 == 0, D in (64, 128); "
+                         f"got {tuple(q.shape)} {q.dtype}")
+    q2, k2, v2 = (t.contiguous().view(b * h * n, d) for t in (q, k, v))
+    out = torch.empty_like(q2)
+    lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    descs = [_descriptor(q2, 64), _descriptor(k2, BLOCK_N.value), _descriptor(v2, BLOCK_N.value), _descriptor(out, 64)]
+    _fa3_fwd[(n // BLOCK_M, b * h)](*descs, lse, n, LOG2E / math.sqrt(d), HEAD_DIM=d, OVERLAP=overlap,
+                                    STAGES=stages, num_warps=4, maxnreg=MAXNREG)
+    return out.view(b, h, n, d), lse
+
+
+def compile_only(d, overlap, stages=2):
+    """Registers, spills and shared memory of the sm_90a build (no GPU needed), as ``flash_compile_report``."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    layout = {r: gl.NVMMASharedLayout.get_default_for([r, d], gl.bfloat16) for r in (64, 128)}
+
+    def desc(rows):
+        return f"tensordesc<bf16[{rows}, {d}],{layout[rows]!r}>"
+
+    sig = {"q_desc": desc(64), "k_desc": desc(128), "v_desc": desc(128), "o_desc": desc(64), "lse_ptr": "*fp32",
+           "n_ctx": "i32", "qk_scale": "fp32", "HEAD_DIM": "constexpr", "OVERLAP": "constexpr", "STAGES": "constexpr"}
+    src = GluonASTSource(_fa3_fwd, sig, {"HEAD_DIM": d, "OVERLAP": overlap, "STAGES": stages})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": MAXNREG})
+    ptx = kernel.asm["ptx"]
+    info = {"head_dim": d, "overlap": overlap, "stages": stages, "shared_bytes": kernel.metadata.shared,
+            "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg")}
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", path, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    info["ptxas"] = [line.split("info    : ")[-1] for line in res.stderr.splitlines()
+                     if "Used" in line or "spill" in line]
+    return info, ptx
+
+
+VARIANTS = {"gluon_v1": (False, 2), "gluon_v2_overlap": (True, 2), "gluon_v2_overlap_3stages": (True, 3)}
+
+
+def check(log):
+    """Max errors of every variant's output and lse against float64 on small causal shapes (odd B and H, 1 to 8
+    key tiles), next to SDPA's error on the same inputs."""
+    torch.manual_seed(0)
+    results = []
+    for b, h, n, d in ((1, 3, 128, 64), (2, 1, 384, 128), (1, 2, 1024, 64), (3, 1, 640, 128)):
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        future = torch.full((n, n), -math.inf, device="cuda", dtype=torch.float64).triu(1)
+        scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(d) + future
+        ref, lse_ref = torch.softmax(scores, dim=-1) @ v.double(), torch.logsumexp(scores, dim=-1)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        sdpa_err = (sdpa.double() - ref).abs().max().item()  # bf16 rounding of the output sets the floor
+        for overlap, stages in VARIANTS.values():
+            out, lse = fa3_forward(q, k, v, overlap, stages)
+            row = dict(shape=[b, h, n, d], overlap=overlap, stages=stages,
+                       max_err=(out.double() - ref).abs().max().item(), sdpa_max_err=sdpa_err,
+                       lse_err=(lse.double() - lse_ref).abs().max().item())
+            results.append(row)
+            log(json.dumps(row))
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/experiments/logs")
+    parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds per row (order reversed every other)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--cases", nargs="+", default=["128:16384", "64:4096", "64:16384", "128:4096"],
+                        help="HEAD_DIM:N rows, timed at the benchmark's batch x heads")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    log_file = open(os.path.join(args.out, "gluon_fa3_forward.log"), "w")
+
+    def log(line):
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    if args.compile_only:
+        for d in (64, 128):
+            for overlap, stages in ((False, 2), (True, 2), (True, 3)):
+                info, _ = compile_only(d, overlap, stages)
+                log(json.dumps(info))
+        return
+    sys.path.insert(0, os.getcwd())
+    from benchmarks.attention import BenchRow, allowed_pairs, problem
+    from dldna.kernels import flash_triton, report
+
+    record = json.load(open("results/flash_attention_bench.json"))
+    command = "PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_forward.py " + " ".join(sys.argv[1:])
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "date": datetime.date.today().isoformat(), "command": command, "check": check(log), "rows": []}
+    variants = {name: VARIANTS[name] for name in args.variants}
+    for d, n in (map(int, case.split(":")) for case in args.cases):
+        b, h = problem(n, d)
+        row = BenchRow("causal", d, n)
+        flash_triton.restore_tuning()
+        report.force_tuned_configs(record, "causal", d, n)  # the shipped kernel with its stored tuned config
+        q, k, v = row.q.detach(), row.k.detach(), row.v.detach()
+        with torch.no_grad():
+            ref = row.fns["sdpa_cudnn"]().float()
+            errs = {name: ((fa3_forward(q, k, v, *variant)[0].float() - ref).norm() / ref.norm()).item()
+                    for name, variant in variants.items()}
+        flops = 4.0 * d * b * h * allowed_pairs(n, "causal")
+        fns = {name: (lambda variant=variant: fa3_forward(q, k, v, *variant)) for name, variant in variants.items()}
+        fns.update({name: row.fns[name] for name in ("dldna", "sdpa_cudnn", "sdpa_flash")})
+        entry = dict(d=d, n=n, batch=b, heads=h, rel_err_vs_cudnn=errs, rounds=[])
+        with torch.no_grad():
+            triton.testing.do_bench(fns["dldna"], warmup=200, rep=500)  # heat the GPU to its steady clock
+            for r in range(args.rounds):
+                order = list(fns) if r % 2 == 0 else list(fns)[::-1]
+                times = {name: triton.testing.do_bench(fns[name], warmup=25, rep=100, return_mode="median")
+                         for name in order}
+                entry["rounds"].append({name: round(flops / (t * 1e-3) / 1e12, 1) for name, t in times.items()})
+                log(json.dumps(dict(d=d, n=n, round=r, tflops=entry["rounds"][-1])))
+        entry["median_tflops"] = {name: sorted(rd[name] for rd in entry["rounds"])[args.rounds // 2] for name in fns}
+        log(json.dumps(dict(d=d, n=n, median_tflops=entry["median_tflops"], rel_err=entry["rel_err_vs_cudnn"])))
+        result["rows"].append(entry)
+    with open(os.path.join(args.out, "gluon_fa3_forward.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
