@@ -3,11 +3,11 @@ dialect where the kernel itself lays out warps, shared memory, barriers and asyn
 
 The shipped forward (``dldna.kernels.flash_triton._attn_fwd``) is one program of 8 warps that waits on each
 tile's matmul before its softmax; Triton 3.6 has no pass that overlaps them on NVIDIA GPUs. FlashAttention-3 (Shah
-et al. 2024) gets its last ~15 % on Hopper from two things this script writes by hand:
+et al. 2024) gets past FlashAttention-2 on Hopper with two things that this script writes by hand:
 - warp specialisation: one loader warpgroup issues the TMA copies of K and V into a two-stage ring of shared memory
   while two consumer warpgroups, 64 query rows each, run the matmuls and the softmax; the loader gives its registers
   to the consumers (``setmaxnreg``), so each consumer can keep its 64 x 128 scores and 64 x D output in registers;
-- (``--overlap``, "v2") the overlap inside a consumer: the score matmul of key tile j is issued, then the P @ V
+- (variant ``gluon_v2_overlap``) the overlap inside a consumer: the score matmul of key tile j is issued, then the P @ V
   matmul of tile j-1, and the softmax of tile j runs while that second matmul is still in flight.
 The two consumers are scheduled by the hardware, not by FA3's named-barrier ping-pong.
 
@@ -34,7 +34,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 LOG2E = 1.4426950408889634
-BLOCK_M = 128  # query rows per program: two consumer warpgroups of 64
+ROWS = gl.constexpr(64)  # query rows per consumer warpgroup: one wgmma is 64 rows tall
+BLOCK_M = gl.constexpr(128)  # query rows per program: two consumer warpgroups
 BLOCK_N = gl.constexpr(128)  # keys per tile
 REGS_CONSUMER = gl.constexpr(240)  # setmaxnreg per thread: 2 x 128 x 240 + 128 x 24 <= 64k registers
 REGS_LOADER = gl.constexpr(24)
@@ -48,11 +49,11 @@ def _loader(q_desc, k_desc, v_desc, bufs, n_ctx):
     STAGES: gl.constexpr = k_bufs.shape[0]
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)  # the longest query blocks first
     row0 = gl.program_id(1) * n_ctx
-    q_row = row0 + pid_m * 128
+    q_row = row0 + pid_m * BLOCK_M
     mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_ready, q_bufs.index(0))
-    tma.async_copy_global_to_shared(q_desc, [q_row + 64, 0], q_ready, q_bufs.index(1))
-    n_tiles = (pid_m + 1) * 128 // BLOCK_N
+    tma.async_copy_global_to_shared(q_desc, [q_row + ROWS, 0], q_ready, q_bufs.index(1))
+    n_tiles = (pid_m + 1) * BLOCK_M // BLOCK_N
     for j in range(n_tiles):
         s = j % STAGES
         phase = (j // STAGES) & 1
@@ -79,7 +80,7 @@ def _online_softmax(scores, m_i, l_i, rows, keys, qk_scale, diagonal):
 @gluon.jit
 def _consumer(o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM: gl.constexpr, OVERLAP: gl.constexpr,
               HALF: gl.constexpr):
-    """One consumer warpgroup: query rows ``HALF * 64 .. + 64`` of the block; scores and output in registers."""
+    """One consumer warpgroup: query rows ``HALF * ROWS .. + ROWS`` of the block; scores and output in registers."""
     q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, k_empty, v_empty = bufs
     STAGES: gl.constexpr = k_bufs.shape[0]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -93,16 +94,16 @@ def _consumer(o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM: gl.constexpr, OV
 
     pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
     bh = gl.program_id(1)
-    q_start = pid_m * 128 + HALF * 64  # first query row of this warpgroup, within the head
-    n_tiles = (pid_m + 1) * 128 // BLOCK_N
+    q_start = pid_m * BLOCK_M + HALF * ROWS  # first query row of this warpgroup, within the head
+    n_tiles = (pid_m + 1) * BLOCK_M // BLOCK_N
     q_smem = q_bufs.index(HALF)
     mbarrier.wait(q_ready, 0)
 
-    m_i = gl.full([64], -float("inf"), gl.float32, s_rows)
-    l_i = gl.full([64], 0.0, gl.float32, s_rows)
-    acc = gl.zeros([64, HEAD_DIM], gl.float32, o_layout)
-    zeros_s = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
-    rows = q_start + gl.arange(0, 64, s_rows)
+    m_i = gl.full([ROWS], -float("inf"), gl.float32, s_rows)
+    l_i = gl.full([ROWS], 0.0, gl.float32, s_rows)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    zeros_s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    rows = q_start + gl.arange(0, ROWS, s_rows)
     cols = gl.arange(0, BLOCK_N, s_cols)
 
     if OVERLAP:
@@ -166,7 +167,7 @@ def _consumer(o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM: gl.constexpr, OV
 def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, n_ctx, qk_scale, HEAD_DIM: gl.constexpr,
              OVERLAP: gl.constexpr, STAGES: gl.constexpr):
     """Grid ``(N / 128, B * H)``; q, k, v, o are 2-D ``(B * H * N, D)`` tensor descriptors."""
-    q_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, 64, HEAD_DIM], q_desc.layout)
+    q_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, ROWS, HEAD_DIM], q_desc.layout)
     k_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
@@ -201,14 +202,15 @@ def fa3_forward(q, k, v, overlap=True, stages=2):
     """Causal attention of bf16 ``(B, H, N, D)`` q, k, v: ``(out, lse)``, lse ``(B, H, N)`` float32 natural log.
     ``stages``: K/V tiles in flight in shared memory."""
     b, h, n, d = q.shape
-    if q.dtype != torch.bfloat16 or n % BLOCK_M or d not in (64, 128) or k.shape != q.shape or v.shape != q.shape:
+    if q.dtype != torch.bfloat16 or n % BLOCK_M.value or d not in (64, 128) or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must be bf16 (B, H, N, D) of one shape with N % 128 == 0, D in (64, 128); "
                          f"got {tuple(q.shape)} {q.dtype}")
     q2, k2, v2 = (t.contiguous().view(b * h * n, d) for t in (q, k, v))
     out = torch.empty_like(q2)
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-    descs = [_descriptor(q2, 64), _descriptor(k2, BLOCK_N.value), _descriptor(v2, BLOCK_N.value), _descriptor(out, 64)]
-    _fa3_fwd[(n // BLOCK_M, b * h)](*descs, lse, n, LOG2E / math.sqrt(d), HEAD_DIM=d, OVERLAP=overlap,
+    descs = [_descriptor(q2, ROWS.value), _descriptor(k2, BLOCK_N.value), _descriptor(v2, BLOCK_N.value),
+             _descriptor(out, ROWS.value)]
+    _fa3_fwd[(n // BLOCK_M.value, b * h)](*descs, lse, n, LOG2E / math.sqrt(d), HEAD_DIM=d, OVERLAP=overlap,
                                     STAGES=stages, num_warps=4, maxnreg=MAXNREG)
     return out.view(b, h, n, d), lse
 
