@@ -44,6 +44,29 @@ def _signature(fn, dtype: str, constexprs: dict, ints_not_div16: set[str], float
     return sig, attrs
 
 
+def ptxas_info(ptx: str, sass: bool = False) -> dict:
+    """Registers per thread and spill bytes that ``ptxas -v`` reports for ``ptx`` built for sm_90a (and the SASS
+    as ``"sass"`` if ``sass``); the ``ptxas`` shipped with triton, so no GPU or CUDA install is needed."""
+    info = {}
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        path, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", path, "-o", cubin],
+                             capture_output=True, text=True)
+        if sass:
+            info["sass"] = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin], capture_output=True,
+                                          text=True, check=True).stdout
+    log = res.stderr + res.stdout
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    info["registers"] = int(regs.group(1)) if regs else None
+    info["spill_store_bytes"] = int(spill.group(1)) if spill else None
+    info["spill_load_bytes"] = int(spill.group(2)) if spill else None
+    return info
+
+
 def compile_one(fn, dtype, head_dim, cfg, flags, kernels=ft, sass=False):
     """Compile kernel ``fn`` for sm_90a; registers, spills, shared memory and MMA instructions of the result (and
     its SASS as ``info["sass"]`` if ``sass``). ``kernels``: the flash_triton module whose launch rules apply."""
@@ -81,22 +104,7 @@ def compile_one(fn, dtype, head_dim, cfg, flags, kernels=ft, sass=False):
     info = {"kernel": kind, "dtype": dtype, "head_dim": head_dim, "config": repr(cfg), "flags": flags,
             "shared_bytes": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
             "mma_sync": ptx.count("mma.sync")}
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.TemporaryDirectory() as tmp:
-        path, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-        with open(path, "w") as f:
-            f.write(ptx)
-        res = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", path, "-o", cubin],
-                             capture_output=True, text=True)
-        if sass:
-            info["sass"] = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin], capture_output=True,
-                                          text=True, check=True).stdout
-    log = res.stderr + res.stdout
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    info["registers"] = int(regs.group(1)) if regs else None
-    info["spill_store_bytes"] = int(spill.group(1)) if spill else None
-    info["spill_load_bytes"] = int(spill.group(2)) if spill else None
+    info.update(ptxas_info(ptx, sass))
     return info
 
 

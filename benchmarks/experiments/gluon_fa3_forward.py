@@ -17,7 +17,7 @@ Limits: bf16, causal, ``N % 128 == 0``, D in {64, 128}, no backward.
 
     PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_forward.py --out benchmarks/experiments/logs
         [--rounds 5] [--variants gluon_v1 gluon_v2_overlap ...] [--cases 128:16384 64:4096 ...]
-    python benchmarks/experiments/gluon_fa3_forward.py --compile-only     # sm_90a registers/spills, no GPU needed
+    PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_forward.py --compile-only   # sm_90a registers, no GPU
 """
 import argparse
 import datetime
@@ -33,7 +33,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-LOG2E = 1.4426950408889634
+LOG2E = gl.constexpr(1.4426950408889634)
 ROWS = gl.constexpr(64)  # query rows per consumer warpgroup: one wgmma is 64 rows tall
 BLOCK_M = gl.constexpr(128)  # query rows per program: two consumer warpgroups
 BLOCK_N = gl.constexpr(128)  # keys per tile
@@ -158,7 +158,7 @@ def _consumer(o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM: gl.constexpr, OV
     q_smem.store(out.to(gl.bfloat16))  # Q is no longer read: its buffer stages the output for the TMA store
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [bh * n_ctx + q_start, 0], q_smem)
-    lse = (m_i + gl.log2(l_i)) / 1.4426950408889634  # natural log, as dldna's kernels return it
+    lse = (m_i + gl.log2(l_i)) / LOG2E  # natural log, as dldna's kernels return it
     gl.store(lse_ptr + bh * n_ctx + rows, lse)
     tma.store_wait(0)
 
@@ -210,40 +210,28 @@ def fa3_forward(q, k, v, overlap=True, stages=2):
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
     descs = [_descriptor(q2, ROWS.value), _descriptor(k2, BLOCK_N.value), _descriptor(v2, BLOCK_N.value),
              _descriptor(out, ROWS.value)]
-    _fa3_fwd[(n // BLOCK_M.value, b * h)](*descs, lse, n, LOG2E / math.sqrt(d), HEAD_DIM=d, OVERLAP=overlap,
+    _fa3_fwd[(n // BLOCK_M.value, b * h)](*descs, lse, n, LOG2E.value / math.sqrt(d), HEAD_DIM=d, OVERLAP=overlap,
                                     STAGES=stages, num_warps=4, maxnreg=MAXNREG)
     return out.view(b, h, n, d), lse
 
 
 def compile_only(d, overlap, stages=2):
     """Registers, spills and shared memory of the sm_90a build (no GPU needed), as ``flash_compile_report``."""
-    import subprocess
-    import tempfile
-
+    from benchmarks.flash_compile_report import ptxas_info
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    layout = {r: gl.NVMMASharedLayout.get_default_for([r, d], gl.bfloat16) for r in (64, 128)}
-
     def desc(rows):
-        return f"tensordesc<bf16[{rows}, {d}],{layout[rows]!r}>"
+        return f"tensordesc<bf16[{rows}, {d}],{gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16)!r}>"
 
-    sig = {"q_desc": desc(64), "k_desc": desc(128), "v_desc": desc(128), "o_desc": desc(64), "lse_ptr": "*fp32",
+    sig = {"q_desc": desc(ROWS.value), "k_desc": desc(BLOCK_N.value), "v_desc": desc(BLOCK_N.value),
+           "o_desc": desc(ROWS.value), "lse_ptr": "*fp32",
            "n_ctx": "i32", "qk_scale": "fp32", "HEAD_DIM": "constexpr", "OVERLAP": "constexpr", "STAGES": "constexpr"}
     src = GluonASTSource(_fa3_fwd, sig, {"HEAD_DIM": d, "OVERLAP": overlap, "STAGES": stages})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": MAXNREG})
     ptx = kernel.asm["ptx"]
     info = {"head_dim": d, "overlap": overlap, "stages": stages, "shared_bytes": kernel.metadata.shared,
-            "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg")}
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        res = subprocess.run([os.path.join(bindir, "ptxas"), "-arch=sm_90a", "-v", path, "-o",
-                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
-    info["ptxas"] = [line.split("info    : ")[-1] for line in res.stderr.splitlines()
-                     if "Used" in line or "spill" in line]
+            "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg"), **ptxas_info(ptx)}
     return info, ptx
 
 
@@ -253,13 +241,13 @@ VARIANTS = {"gluon_v1": (False, 2), "gluon_v2_overlap": (True, 2), "gluon_v2_ove
 def check(log):
     """Max errors of every variant's output and lse against float64 on small causal shapes (odd B and H, 1 to 8
     key tiles), next to SDPA's error on the same inputs."""
+    from dldna.attention import attention
+
     torch.manual_seed(0)
     results = []
     for b, h, n, d in ((1, 3, 128, 64), (2, 1, 384, 128), (1, 2, 1024, 64), (3, 1, 640, 128)):
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        future = torch.full((n, n), -math.inf, device="cuda", dtype=torch.float64).triu(1)
-        scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(d) + future
-        ref, lse_ref = torch.softmax(scores, dim=-1) @ v.double(), torch.logsumexp(scores, dim=-1)
+        ref, lse_ref = attention(q.double(), k.double(), v.double(), causal=True, return_lse=True)
         sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         sdpa_err = (sdpa.double() - ref).abs().max().item()  # bf16 rounding of the output sets the floor
         for overlap, stages in VARIANTS.values():
@@ -291,12 +279,12 @@ def main():
 
     if args.compile_only:
         for d in (64, 128):
-            for overlap, stages in ((False, 2), (True, 2), (True, 3)):
+            for overlap, stages in VARIANTS.values():
                 info, _ = compile_only(d, overlap, stages)
                 log(json.dumps(info))
         return
     sys.path.insert(0, os.getcwd())
-    from benchmarks.attention import BenchRow, allowed_pairs, problem
+    from benchmarks.attention import BenchRow, allowed_pairs, problem, time_pass
     from dldna.kernels import flash_triton, report
 
     record = json.load(open("results/flash_attention_bench.json"))
@@ -322,8 +310,7 @@ def main():
             triton.testing.do_bench(fns["dldna"], warmup=200, rep=500)  # heat the GPU to its steady clock
             for r in range(args.rounds):
                 order = list(fns) if r % 2 == 0 else list(fns)[::-1]
-                times = {name: triton.testing.do_bench(fns[name], warmup=25, rep=100, return_mode="median")
-                         for name in order}
+                times = {name: time_pass(fns[name], "fwd", row.grad, (row.q, row.k, row.v)) for name in order}
                 entry["rounds"].append({name: round(flops / (t * 1e-3) / 1e12, 1) for name, t in times.items()})
                 log(json.dumps(dict(d=d, n=n, round=r, tflops=entry["rounds"][-1])))
         entry["median_tflops"] = {name: sorted(rd[name] for rd in entry["rounds"])[args.rounds // 2] for name in fns}
