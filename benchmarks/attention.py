@@ -266,13 +266,19 @@ def time_case(case, deadline, rep_ms, log, warmup_ms=25.0, gpu=None, rounds=1):
     return rows, tuning
 
 
+def allow_flex_recompiles():
+    """Raise dynamo's recompile limits: one compiled FlexAttention per row and grad mode. At the defaults a long run
+    falls back to eager FlexAttention, which runs out of memory at 64k."""
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.accumulated_cache_size_limit = 512
+
+
 def compile_worker(jobs):
     """Pre-compilation only (no timing): fills the Triton and Inductor caches that the timing process reads."""
     import torch._inductor.config as inductor_config
 
     inductor_config.compile_threads = 1  # several of these run at once: no process pool each
-    torch._dynamo.config.cache_size_limit = 64
-    torch._dynamo.config.accumulated_cache_size_limit = 512
+    allow_flex_recompiles()
     for kind, job in jobs:
         t0 = time.time()
         try:
@@ -368,8 +374,7 @@ def main():
     t0 = time.time()
     deadline = t0 + args.budget_s
     all_cases = cases(args.ns, args.head_dims)
-    torch._dynamo.config.cache_size_limit = 64
-    torch._dynamo.config.accumulated_cache_size_limit = 512
+    allow_flex_recompiles()
     # 1. compile in parallel processes (CPU-bound); they exit before any timing starts
     if args.compile_workers > 0:
         ctx = mp.get_context("spawn")

@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.getcwd())
-from benchmarks.attention import WINDOW, BenchRow, allowed_pairs, problem  # noqa: E402
+from benchmarks.attention import WINDOW, BenchRow, allow_flex_recompiles, allowed_pairs, problem  # noqa: E402
 from benchmarks.experiments.ab_kernels import (  # noqa: E402
     WithOptions, load_module, parse_extra, parse_rows, save_rows, use_version)
 from dldna.attention import attention, sliding_window_mask  # noqa: E402
@@ -52,8 +52,7 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--config", nargs="*", default=[], help="NAME@D=SPEC: version NAME's forward config at D")
     args = parser.parse_args()
-    torch._dynamo.config.cache_size_limit = 64
-    torch._dynamo.config.accumulated_cache_size_limit = 512
+    allow_flex_recompiles()
     names = [os.path.basename(path).removesuffix(".py") for path in args.modules]
     versions = {name: load_module(path, f"flash_variant_{i}") for i, (name, path) in
                 enumerate(zip(names, args.modules))}

@@ -25,7 +25,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.getcwd())
-from benchmarks.attention import BenchRow, allowed_pairs, problem  # noqa: E402
+from benchmarks.attention import BenchRow, allow_flex_recompiles, allowed_pairs, problem  # noqa: E402
 from dldna.kernels import report  # noqa: E402
 
 fa = importlib.import_module("dldna.kernels.flash_attention")  # the module (the package exports its function)
@@ -114,8 +114,7 @@ def main():
     parser.add_argument("--rows", nargs="*", default=None, help="mask:head_dim:n (default: ROWS); bigbird:64:16384 "
                         "times block_sparse_flash_attention")
     args = parser.parse_args()
-    torch._dynamo.config.cache_size_limit = 64  # one compiled FlexAttention per row and grad mode, as in attention.py
-    torch._dynamo.config.accumulated_cache_size_limit = 512
+    allow_flex_recompiles()
     versions = {"base": load_module(args.baseline, "flash_triton_base"), "new": fa._kernels}
     extra = [parse_extra(fa._kernels, spec) for spec in args.extra]
     record = json.load(open("results/flash_attention_bench.json"))

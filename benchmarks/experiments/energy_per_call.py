@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.getcwd())
-from benchmarks.attention import BenchRow, allowed_pairs, pass_call, problem  # noqa: E402
+from benchmarks.attention import BenchRow, allow_flex_recompiles, allowed_pairs, pass_call, problem  # noqa: E402
 from benchmarks.experiments.ab_kernels import force_winners, parse_rows, save_rows  # noqa: E402
 from dldna.kernels import flash_triton  # noqa: E402
 
@@ -62,7 +62,7 @@ def main():
 
     nvml.nvmlInit()
     handle = nvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-    torch._dynamo.config.cache_size_limit = 64  # one compiled FlexAttention per row and grad mode
+    allow_flex_recompiles()
     record = json.load(open("results/flash_attention_bench.json"))
     rows, start = [], time.time()
     for mask, d, n in parse_rows(args.rows):

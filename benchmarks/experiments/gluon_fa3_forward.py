@@ -11,12 +11,18 @@ et al. 2024) gets past FlashAttention-2 on Hopper with two things that this scri
   matmul of tile j-1, and the softmax of tile j runs while that second matmul is still in flight.
 The two consumers are scheduled by the hardware, not by FA3's named-barrier ping-pong.
 
+With ``window`` the same kernel runs the causal sliding window (query i sees keys i - window < j <= i): the key
+tiles before the block's first key are skipped and only the edge tiles are masked. ``--fwd-bwd`` also times a
+forward+backward whose backward is dldna's (which reads the same ``(out, lse)``).
+
 Gluon kernels do not run under ``TRITON_INTERPRET=1``, so nothing here can ship to the book (its CI is CPU-only);
-the script measures whether the approach pays, on one H200, against the shipped kernel and cuDNN in one process.
-Limits: bf16, causal, ``N % 128 == 0``, D in {64, 128}, no backward.
+the script measures whether the approach pays, on one H200, against the shipped kernel and the fastest peers (cuDNN
+and FlashAttention-2 under a causal mask, FlexAttention under a window) in one process.
+Limits: bf16, causal (optionally windowed), ``N % 128 == 0``, D in {64, 128}, no backward of its own.
 
     PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_forward.py --out benchmarks/experiments/logs
-        [--rounds 5] [--variants gluon_v1 gluon_v2_overlap ...] [--cases 128:16384 64:4096 ...]
+        [--rounds 5] [--variants gluon_v1 gluon_v2_overlap ...] [--cases causal:128:16384 window:64:65536 ...]
+        [--fwd-bwd] [--log-name NAME]
     PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_forward.py --compile-only   # sm_90a registers, no GPU
 """
 import argparse
@@ -43,20 +49,47 @@ MAXNREG = 168  # at launch all 384 threads share the register file: 65536 / 384 
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, bufs, n_ctx):
+def _query_block():
+    """This program's query block: the last (longest under a causal mask) first."""
+    return gl.num_programs(0) - 1 - gl.program_id(0)
+
+
+@gluon.jit
+def _key_tiles(pid_m, WINDOW: gl.constexpr):
+    """Key tiles ``[lo, hi)`` of query block ``pid_m``: up to the diagonal, and with ``WINDOW`` > 0 (query i sees
+    keys i - WINDOW < j <= i) from the tile of the block's first row's first key; the tiles before are skipped."""
+    hi = (pid_m + 1) * BLOCK_M // BLOCK_N
+    lo = 0
+    if WINDOW > 0:
+        lo = gl.maximum(pid_m * BLOCK_M + 1 - WINDOW, 0) // BLOCK_N  # max first: // truncates towards zero
+    return lo, hi
+
+
+@gluon.jit
+def _needs_mask(j, pid_m, hi, WINDOW: gl.constexpr):
+    """Whether key tile ``j`` of query block ``pid_m`` holds a masked pair: the diagonal tile (the last), and with a
+    window the tiles that start before the last row's first key."""
+    masked = j == hi - 1
+    if WINDOW > 0:
+        masked = masked | (j * BLOCK_N < pid_m * BLOCK_M + BLOCK_M - WINDOW)
+    return masked
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, bufs, n_ctx, WINDOW: gl.constexpr):
     """The producer warpgroup: both halves of the Q block once, then K and V tile by tile into the ring."""
     q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, k_empty, v_empty = bufs
     STAGES: gl.constexpr = k_bufs.shape[0]
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)  # the longest query blocks first
+    pid_m = _query_block()
     row0 = gl.program_id(1) * n_ctx
     q_row = row0 + pid_m * BLOCK_M
     mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_ready, q_bufs.index(0))
     tma.async_copy_global_to_shared(q_desc, [q_row + ROWS, 0], q_ready, q_bufs.index(1))
-    n_tiles = (pid_m + 1) * BLOCK_M // BLOCK_N
-    for j in range(n_tiles):
-        s = j % STAGES
-        phase = (j // STAGES) & 1
+    lo, hi = _key_tiles(pid_m, WINDOW)
+    for j in range(lo, hi):
+        s = (j - lo) % STAGES
+        phase = ((j - lo) // STAGES) & 1
         mbarrier.wait(k_empty.index(s), phase ^ 1)
         mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [row0 + j * BLOCK_N, 0], k_ready.index(s), k_bufs.index(s))
@@ -66,20 +99,26 @@ def _loader(q_desc, k_desc, v_desc, bufs, n_ctx):
 
 
 @gluon.jit
-def _online_softmax(scores, m_i, l_i, rows, keys, qk_scale, diagonal):
-    """One key tile of the online softmax in base 2, the causal mask applied on the ``diagonal`` tile:
+def _online_softmax(scores, m_i, l_i, rows, keys, qk_scale, masked, WINDOW: gl.constexpr):
+    """One key tile of the online softmax in base 2, the mask applied on ``masked`` tiles only:
     ``(p, alpha, m_new, l_new)`` with ``alpha`` the factor that rescales the output accumulated so far."""
-    if diagonal:
-        scores = gl.where(gl.expand_dims(rows, 1) >= gl.expand_dims(keys, 0), scores, -float("inf"))
+    if masked:
+        allowed = gl.expand_dims(rows, 1) >= gl.expand_dims(keys, 0)
+        if WINDOW > 0:  # the subtraction per row, not per pair
+            allowed = allowed & (gl.expand_dims(rows - WINDOW, 1) < gl.expand_dims(keys, 0))
+        scores = gl.where(allowed, scores, -float("inf"))
     m_new = gl.maximum(m_i, gl.max(scores, axis=1) * qk_scale)
-    alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(scores * qk_scale - gl.expand_dims(m_new, 1))
+    m_sub = m_new
+    if WINDOW > 0:  # a row's first window tile can be all masked: exp2(-inf - -inf) would be NaN
+        m_sub = gl.where(m_new == -float("inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_sub)
+    p = gl.exp2(scores * qk_scale - gl.expand_dims(m_sub, 1))
     return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
 
 
 @gluon.jit
 def _consumer(o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM: gl.constexpr, OVERLAP: gl.constexpr,
-              HALF: gl.constexpr):
+              WINDOW: gl.constexpr, HALF: gl.constexpr):
     """One consumer warpgroup: query rows ``HALF * ROWS .. + ROWS`` of the block; scores and output in registers."""
     q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, k_empty, v_empty = bufs
     STAGES: gl.constexpr = k_bufs.shape[0]
@@ -92,10 +131,10 @@ def _consumer(o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM: gl.constexpr, OV
     s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    pid_m = _query_block()
     bh = gl.program_id(1)
     q_start = pid_m * BLOCK_M + HALF * ROWS  # first query row of this warpgroup, within the head
-    n_tiles = (pid_m + 1) * BLOCK_M // BLOCK_N
+    lo, hi = _key_tiles(pid_m, WINDOW)
     q_smem = q_bufs.index(HALF)
     mbarrier.wait(q_ready, 0)
 
@@ -112,13 +151,14 @@ def _consumer(o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM: gl.constexpr, OV
         s_tok = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), zeros_s, use_acc=False, is_async=True)
         scores = warpgroup_mma_wait(0, deps=[s_tok])
         mbarrier.arrive(k_empty.index(0))
-        p, _, m_i, l_i = _online_softmax(scores, m_i, l_i, rows, cols, qk_scale, n_tiles == 1)
+        p, _, m_i, l_i = _online_softmax(scores, m_i, l_i, rows, lo * BLOCK_N + cols, qk_scale,
+                                         _needs_mask(lo, pid_m, hi, WINDOW), WINDOW)
         p_prev = gl.convert_layout(p.to(gl.bfloat16), p_layout)
-        for j in range(1, n_tiles):
-            s = j % STAGES
-            phase = (j // STAGES) & 1
-            sp = (j - 1) % STAGES
-            phase_p = ((j - 1) // STAGES) & 1
+        for j in range(lo + 1, hi):
+            s = (j - lo) % STAGES
+            phase = ((j - lo) // STAGES) & 1
+            sp = (j - lo - 1) % STAGES
+            phase_p = ((j - lo - 1) // STAGES) & 1
             mbarrier.wait(k_ready.index(s), phase)
             s_tok = warpgroup_mma(q_smem, k_bufs.index(s).permute((1, 0)), zeros_s, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(sp), phase_p)
@@ -126,27 +166,27 @@ def _consumer(o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM: gl.constexpr, OV
             scores = warpgroup_mma_wait(1, deps=[s_tok])
             mbarrier.arrive(k_empty.index(s))
             p, alpha, m_i, l_i = _online_softmax(scores, m_i, l_i, rows, j * BLOCK_N + cols, qk_scale,
-                                                 j == n_tiles - 1)
+                                                 _needs_mask(j, pid_m, hi, WINDOW), WINDOW)
             p_next = gl.convert_layout(p.to(gl.bfloat16), p_layout)
             acc = warpgroup_mma_wait(0, deps=[o_tok])
             mbarrier.arrive(v_empty.index(sp))
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
             p_prev = p_next
-        sl = (n_tiles - 1) % STAGES
-        mbarrier.wait(v_ready.index(sl), ((n_tiles - 1) // STAGES) & 1)
+        sl = (hi - lo - 1) % STAGES
+        mbarrier.wait(v_ready.index(sl), ((hi - lo - 1) // STAGES) & 1)
         o_tok = warpgroup_mma(p_prev, v_bufs.index(sl), acc, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[o_tok])
         mbarrier.arrive(v_empty.index(sl))
     else:
-        for j in range(n_tiles):
-            s = j % STAGES
-            phase = (j // STAGES) & 1
+        for j in range(lo, hi):
+            s = (j - lo) % STAGES
+            phase = ((j - lo) // STAGES) & 1
             mbarrier.wait(k_ready.index(s), phase)
             s_tok = warpgroup_mma(q_smem, k_bufs.index(s).permute((1, 0)), zeros_s, use_acc=False, is_async=True)
             scores = warpgroup_mma_wait(0, deps=[s_tok])
             mbarrier.arrive(k_empty.index(s))
             p, alpha, m_i, l_i = _online_softmax(scores, m_i, l_i, rows, j * BLOCK_N + cols, qk_scale,
-                                                 j == n_tiles - 1)
+                                                 _needs_mask(j, pid_m, hi, WINDOW), WINDOW)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
             mbarrier.wait(v_ready.index(s), phase)
             o_tok = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), v_bufs.index(s), acc,
@@ -165,8 +205,8 @@ def _consumer(o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM: gl.constexpr, OV
 
 @gluon.jit
 def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, n_ctx, qk_scale, HEAD_DIM: gl.constexpr,
-             OVERLAP: gl.constexpr, STAGES: gl.constexpr):
-    """Grid ``(N / 128, B * H)``; q, k, v, o are 2-D ``(B * H * N, D)`` tensor descriptors."""
+             OVERLAP: gl.constexpr, STAGES: gl.constexpr, WINDOW: gl.constexpr):
+    """Grid ``(N / 128, B * H)``; q, k, v, o are 2-D ``(B * H * N, D)`` tensor descriptors; ``WINDOW`` 0: causal."""
     q_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, ROWS, HEAD_DIM], q_desc.layout)
     k_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
@@ -185,10 +225,10 @@ def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, n_ctx, qk_scale, HEAD_DIM:
     fence_async_shared()
 
     bufs = (q_bufs, k_bufs, v_bufs, q_ready, k_ready, v_ready, k_empty, v_empty)
-    gl.warp_specialize([(_consumer, (o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM, OVERLAP, 0)),
-                        (_consumer, (o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM, OVERLAP, 1)),
-                        (_loader, (q_desc, k_desc, v_desc, bufs, n_ctx))], [4, 4], [REGS_CONSUMER, REGS_LOADER])
-
+    gl.warp_specialize([(_consumer, (o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM, OVERLAP, WINDOW, 0)),
+                        (_consumer, (o_desc, lse_ptr, bufs, n_ctx, qk_scale, HEAD_DIM, OVERLAP, WINDOW, 1)),
+                        (_loader, (q_desc, k_desc, v_desc, bufs, n_ctx, WINDOW))], [4, 4],
+                       [REGS_CONSUMER, REGS_LOADER])
 
 
 def _descriptor(t, rows):
@@ -198,24 +238,49 @@ def _descriptor(t, rows):
     return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
 
 
-def fa3_forward(q, k, v, overlap=True, stages=2):
+def fa3_forward(q, k, v, overlap=True, stages=2, window=None):
     """Causal attention of bf16 ``(B, H, N, D)`` q, k, v: ``(out, lse)``, lse ``(B, H, N)`` float32 natural log.
-    ``stages``: K/V tiles in flight in shared memory."""
+    ``stages``: K/V tiles in flight in shared memory; ``window``: query i sees keys i - window < j <= i."""
     b, h, n, d = q.shape
     if q.dtype != torch.bfloat16 or n % BLOCK_M.value or d not in (64, 128) or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must be bf16 (B, H, N, D) of one shape with N % 128 == 0, D in (64, 128); "
                          f"got {tuple(q.shape)} {q.dtype}")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
     q2, k2, v2 = (t.contiguous().view(b * h * n, d) for t in (q, k, v))
     out = torch.empty_like(q2)
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
     descs = [_descriptor(q2, ROWS.value), _descriptor(k2, BLOCK_N.value), _descriptor(v2, BLOCK_N.value),
              _descriptor(out, ROWS.value)]
     _fa3_fwd[(n // BLOCK_M.value, b * h)](*descs, lse, n, LOG2E.value / math.sqrt(d), HEAD_DIM=d, OVERLAP=overlap,
-                                    STAGES=stages, num_warps=4, maxnreg=MAXNREG)
+                                    STAGES=stages, WINDOW=window or 0, num_warps=4, maxnreg=MAXNREG)
     return out.view(b, h, n, d), lse
 
 
-def compile_only(d, overlap, stages=2):
+class GluonForwardShippedBackward(torch.autograd.Function):
+    """Causal (windowed) attention with this script's forward and ``dldna``'s backward kernels, which read the same
+    ``(out, lse)``: what forward+backward would take with the Gluon forward shipped."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window):
+        out, lse = fa3_forward(q, k, v, window=window)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.window = window
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from dldna.kernels import flash_triton
+        from dldna.kernels.tiled import band_limits
+
+        q, k, v, out, lse = ctx.saved_tensors
+        band = band_limits(q.shape[2], k.shape[2], True, ctx.window)
+        grads = flash_triton.attention_backward(q, k, v, out, lse, grad_out.contiguous(), band.lo, band.hi,
+                                                1.0 / math.sqrt(q.shape[-1]))
+        return *grads, None
+
+
+def compile_only(d, overlap, stages=2, window=0):
     """Registers, spills and shared memory of the sm_90a build (no GPU needed), as ``flash_compile_report``."""
     from benchmarks.flash_compile_report import ptxas_info
     from triton.backends.compiler import GPUTarget
@@ -226,12 +291,14 @@ def compile_only(d, overlap, stages=2):
 
     sig = {"q_desc": desc(ROWS.value), "k_desc": desc(BLOCK_N.value), "v_desc": desc(BLOCK_N.value),
            "o_desc": desc(ROWS.value), "lse_ptr": "*fp32",
-           "n_ctx": "i32", "qk_scale": "fp32", "HEAD_DIM": "constexpr", "OVERLAP": "constexpr", "STAGES": "constexpr"}
-    src = GluonASTSource(_fa3_fwd, sig, {"HEAD_DIM": d, "OVERLAP": overlap, "STAGES": stages})
+           "n_ctx": "i32", "qk_scale": "fp32", "HEAD_DIM": "constexpr", "OVERLAP": "constexpr", "STAGES": "constexpr",
+           "WINDOW": "constexpr"}
+    src = GluonASTSource(_fa3_fwd, sig, {"HEAD_DIM": d, "OVERLAP": overlap, "STAGES": stages, "WINDOW": window})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": MAXNREG})
     ptx = kernel.asm["ptx"]
-    info = {"head_dim": d, "overlap": overlap, "stages": stages, "shared_bytes": kernel.metadata.shared,
-            "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg"), **ptxas_info(ptx)}
+    info = {"head_dim": d, "overlap": overlap, "stages": stages, "window": window,
+            "shared_bytes": kernel.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
+            "setmaxnreg": ptx.count("setmaxnreg"), **ptxas_info(ptx)}
     return info, ptx
 
 
@@ -239,20 +306,24 @@ VARIANTS = {"gluon_v1": (False, 2), "gluon_v2_overlap": (True, 2), "gluon_v2_ove
 
 
 def check(log):
-    """Max errors of every variant's output and lse against float64 on small causal shapes (odd B and H, 1 to 8
-    key tiles), next to SDPA's error on the same inputs."""
-    from dldna.attention import attention
+    """Max errors of every variant's output and lse against float64 on small causal and windowed shapes (odd B and H,
+    1 to 8 key tiles, windows shorter than a tile, not a multiple of it, and as long as N), next to SDPA's error on
+    the same inputs (the bf16 rounding of the output sets that floor)."""
+    from dldna.attention import attention, sliding_window_mask
 
     torch.manual_seed(0)
     results = []
-    for b, h, n, d in ((1, 3, 128, 64), (2, 1, 384, 128), (1, 2, 1024, 64), (3, 1, 640, 128)):
+    for b, h, n, d, window in ((1, 3, 128, 64, None), (2, 1, 384, 128, None), (1, 2, 1024, 64, None),
+                               (3, 1, 640, 128, None), (1, 3, 640, 64, 100), (2, 1, 768, 128, 300),
+                               (1, 2, 1024, 64, 1024), (1, 1, 512, 128, 129)):
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        ref, lse_ref = attention(q.double(), k.double(), v.double(), causal=True, return_lse=True)
-        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        sdpa_err = (sdpa.double() - ref).abs().max().item()  # bf16 rounding of the output sets the floor
+        mask = sliding_window_mask(n, window).to("cuda") if window else None
+        ref, lse_ref = attention(q.double(), k.double(), v.double(), mask=mask, causal=True, return_lse=True)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        sdpa_err = (sdpa.double() - ref).abs().max().item()
         for overlap, stages in VARIANTS.values():
-            out, lse = fa3_forward(q, k, v, overlap, stages)
-            row = dict(shape=[b, h, n, d], overlap=overlap, stages=stages,
+            out, lse = fa3_forward(q, k, v, overlap, stages, window)
+            row = dict(shape=[b, h, n, d], window=window, overlap=overlap, stages=stages,
                        max_err=(out.double() - ref).abs().max().item(), sdpa_max_err=sdpa_err,
                        lse_err=(lse.double() - lse_ref).abs().max().item())
             results.append(row)
@@ -260,17 +331,54 @@ def check(log):
     return results
 
 
+def time_fwd_bwd(row, mask, window, rounds, log):
+    """Forward+backward in ms, median of ``rounds``: the Gluon forward with dldna's backward, dldna, and the row's
+    peer; and how far the hybrid's output and gradients are from dldna's."""
+    from benchmarks.attention import time_pass
+
+    def hybrid():
+        return GluonForwardShippedBackward.apply(row.q, row.k, row.v, window)
+
+    for t in (row.q, row.k, row.v):
+        t.grad = None
+    out = hybrid()
+    out.backward(row.grad)
+    mine = [out.detach()] + [t.grad.clone() for t in (row.q, row.k, row.v)]
+    shipped = row.outputs("dldna")
+    entry = {"hybrid_rel_diff_vs_dldna": {name: ((a.float() - b.float()).norm() / b.float().norm()).item()
+                                          for name, a, b in zip(("out", "dq", "dk", "dv"), mine, shipped)}}
+    inputs = (row.q, row.k, row.v)
+    timers = {"gluon_fwd_dldna_bwd": lambda: time_pass(hybrid, "fwd+bwd", row.grad, inputs),
+              "dldna": lambda: row.time("dldna", "fwd+bwd"), row.peer: lambda: row.time(row.peer, "fwd+bwd")}
+    entry["fwd_bwd_rounds_ms"] = []
+    for r in range(rounds):
+        order = list(timers) if r % 2 == 0 else list(timers)[::-1]
+        entry["fwd_bwd_rounds_ms"].append({name: round(timers[name](), 4) for name in order})
+        log(json.dumps(dict(mask=mask, d=row.q.shape[-1], n=row.q.shape[2], fwd_bwd_round=r,
+                            ms=entry["fwd_bwd_rounds_ms"][-1])))
+    med = {name: sorted(rd[name] for rd in entry["fwd_bwd_rounds_ms"])[rounds // 2] for name in timers}
+    entry["fwd_bwd_median_ms"] = med
+    entry["fwd_bwd_speed_vs_peer"] = {name: med[row.peer] / med[name] for name in timers}
+    log(json.dumps(dict(mask=mask, d=row.q.shape[-1], n=row.q.shape[2], fwd_bwd_median_ms=med,
+                        speed_vs_peer=entry["fwd_bwd_speed_vs_peer"], diff=entry["hybrid_rel_diff_vs_dldna"])))
+    return entry
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/experiments/logs")
+    parser.add_argument("--log-name", default="gluon_fa3_forward", help="file name of the .log and .json")
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds per row (order reversed every other)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--cases", nargs="+", default=["128:16384", "64:4096", "64:16384", "128:4096"],
-                        help="HEAD_DIM:N rows, timed at the benchmark's batch x heads")
+    parser.add_argument("--cases", nargs="+", default=["causal:128:16384", "causal:64:4096", "causal:64:16384",
+                                                       "causal:128:4096"],
+                        help="MASK:HEAD_DIM:N rows (MASK causal or window), timed at the benchmark's batch x heads")
+    parser.add_argument("--fwd-bwd", action="store_true",
+                        help="also time forward+backward with the Gluon forward (v2) and dldna's backward")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    log_file = open(os.path.join(args.out, "gluon_fa3_forward.log"), "w")
+    log_file = open(os.path.join(args.out, args.log_name + ".log"), "w")
 
     def log(line):
         print(line, flush=True)
@@ -279,44 +387,52 @@ def main():
 
     if args.compile_only:
         for d in (64, 128):
-            for overlap, stages in VARIANTS.values():
-                info, _ = compile_only(d, overlap, stages)
-                log(json.dumps(info))
+            for window in (0, 1024):
+                for overlap, stages in VARIANTS.values():
+                    info, _ = compile_only(d, overlap, stages, window)
+                    log(json.dumps(info))
         return
     sys.path.insert(0, os.getcwd())
-    from benchmarks.attention import BenchRow, allowed_pairs, problem, time_pass
+    from benchmarks.attention import WINDOW, BenchRow, allow_flex_recompiles, allowed_pairs, problem, time_pass
     from dldna.kernels import flash_triton, report
 
+    allow_flex_recompiles()
     record = json.load(open("results/flash_attention_bench.json"))
     command = "PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_forward.py " + " ".join(sys.argv[1:])
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.date.today().isoformat(), "command": command, "check": check(log), "rows": []}
     variants = {name: VARIANTS[name] for name in args.variants}
-    for d, n in (map(int, case.split(":")) for case in args.cases):
+    for mask, d, n in ((m, int(d), int(n)) for m, d, n in (case.split(":") for case in args.cases)):
+        window = WINDOW if mask == "window" else None
         b, h = problem(n, d)
-        row = BenchRow("causal", d, n)
+        row = BenchRow(mask, d, n)
         flash_triton.restore_tuning()
-        report.force_tuned_configs(record, "causal", d, n)  # the shipped kernel with its stored tuned config
+        report.force_tuned_configs(record, mask, d, n)  # the shipped kernel with its stored tuned config
         q, k, v = row.q.detach(), row.k.detach(), row.v.detach()
         with torch.no_grad():
-            ref = row.fns["sdpa_cudnn"]().float()
-            errs = {name: ((fa3_forward(q, k, v, *variant)[0].float() - ref).norm() / ref.norm()).item()
+            ref = row.fns[row.peer]().float()
+            errs = {name: ((fa3_forward(q, k, v, *variant, window)[0].float() - ref).norm() / ref.norm()).item()
                     for name, variant in variants.items()}
-        flops = 4.0 * d * b * h * allowed_pairs(n, "causal")
-        fns = {name: (lambda variant=variant: fa3_forward(q, k, v, *variant)) for name, variant in variants.items()}
-        fns.update({name: row.fns[name] for name in ("dldna", "sdpa_cudnn", "sdpa_flash")})
-        entry = dict(d=d, n=n, batch=b, heads=h, rel_err_vs_cudnn=errs, rounds=[])
+        flops = 4.0 * d * b * h * allowed_pairs(n, mask)
+        fns = {name: (lambda variant=variant: fa3_forward(q, k, v, *variant, window))
+               for name, variant in variants.items()}
+        peers = ("dldna", "sdpa_cudnn", "sdpa_flash") if mask == "causal" else ("dldna", "flex")
+        fns.update({name: row.fns[name] for name in peers})
+        entry = dict(mask=mask, d=d, n=n, batch=b, heads=h, window=window, rel_err_vs_peer=errs, peer=row.peer,
+                     rounds=[])
         with torch.no_grad():
             triton.testing.do_bench(fns["dldna"], warmup=200, rep=500)  # heat the GPU to its steady clock
             for r in range(args.rounds):
                 order = list(fns) if r % 2 == 0 else list(fns)[::-1]
                 times = {name: time_pass(fns[name], "fwd", row.grad, (row.q, row.k, row.v)) for name in order}
                 entry["rounds"].append({name: round(flops / (t * 1e-3) / 1e12, 1) for name, t in times.items()})
-                log(json.dumps(dict(d=d, n=n, round=r, tflops=entry["rounds"][-1])))
+                log(json.dumps(dict(mask=mask, d=d, n=n, round=r, tflops=entry["rounds"][-1])))
         entry["median_tflops"] = {name: sorted(rd[name] for rd in entry["rounds"])[args.rounds // 2] for name in fns}
-        log(json.dumps(dict(d=d, n=n, median_tflops=entry["median_tflops"], rel_err=entry["rel_err_vs_cudnn"])))
+        log(json.dumps(dict(mask=mask, d=d, n=n, median_tflops=entry["median_tflops"], rel_err=errs)))
+        if args.fwd_bwd:
+            entry.update(time_fwd_bwd(row, mask, window, args.rounds, log))
         result["rows"].append(entry)
-    with open(os.path.join(args.out, "gluon_fa3_forward.json"), "w") as f:
+    with open(os.path.join(args.out, args.log_name + ".json"), "w") as f:
         json.dump(result, f, indent=1)
 
 
