@@ -331,36 +331,33 @@ def check(log):
     return results
 
 
+def timed_rounds(measure, names, rounds, log, label, **tags):
+    """``measure(name)`` for every name, ``rounds`` times in ``round_order``: the rounds (each logged under ``label``
+    with ``tags``) and every name's median over them."""
+    from benchmarks.attention import round_order
+
+    results = []
+    for r in range(rounds):
+        results.append({name: measure(name) for name in round_order(names, r)})
+        log(json.dumps({**tags, "round": r, label: results[-1]}))
+    return results, {name: sorted(rd[name] for rd in results)[rounds // 2] for name in names}
+
+
 def time_fwd_bwd(row, mask, window, rounds, log):
     """Forward+backward in ms, median of ``rounds``: the Gluon forward with dldna's backward, dldna, and the row's
     peer; and how far the hybrid's output and gradients are from dldna's."""
-    from benchmarks.attention import time_pass
-
-    def hybrid():
-        return GluonForwardShippedBackward.apply(row.q, row.k, row.v, window)
-
-    for t in (row.q, row.k, row.v):
-        t.grad = None
-    out = hybrid()
-    out.backward(row.grad)
-    mine = [out.detach()] + [t.grad.clone() for t in (row.q, row.k, row.v)]
-    shipped = row.outputs("dldna")
+    row.fns["gluon_fwd_dldna_bwd"] = lambda: GluonForwardShippedBackward.apply(row.q, row.k, row.v, window)
+    mine, shipped = row.outputs("gluon_fwd_dldna_bwd"), row.outputs("dldna")
     entry = {"hybrid_rel_diff_vs_dldna": {name: ((a.float() - b.float()).norm() / b.float().norm()).item()
                                           for name, a, b in zip(("out", "dq", "dk", "dv"), mine, shipped)}}
-    inputs = (row.q, row.k, row.v)
-    timers = {"gluon_fwd_dldna_bwd": lambda: time_pass(hybrid, "fwd+bwd", row.grad, inputs),
-              "dldna": lambda: row.time("dldna", "fwd+bwd"), row.peer: lambda: row.time(row.peer, "fwd+bwd")}
-    entry["fwd_bwd_rounds_ms"] = []
-    for r in range(rounds):
-        order = list(timers) if r % 2 == 0 else list(timers)[::-1]
-        entry["fwd_bwd_rounds_ms"].append({name: round(timers[name](), 4) for name in order})
-        log(json.dumps(dict(mask=mask, d=row.q.shape[-1], n=row.q.shape[2], fwd_bwd_round=r,
-                            ms=entry["fwd_bwd_rounds_ms"][-1])))
-    med = {name: sorted(rd[name] for rd in entry["fwd_bwd_rounds_ms"])[rounds // 2] for name in timers}
+    names = ["gluon_fwd_dldna_bwd", "dldna", row.peer]
+    tags = dict(mask=mask, d=row.q.shape[-1], n=row.q.shape[2])
+    entry["fwd_bwd_rounds_ms"], med = timed_rounds(lambda name: round(row.time(name, "fwd+bwd"), 4), names, rounds,
+                                                   log, "fwd_bwd_ms", **tags)
     entry["fwd_bwd_median_ms"] = med
-    entry["fwd_bwd_speed_vs_peer"] = {name: med[row.peer] / med[name] for name in timers}
-    log(json.dumps(dict(mask=mask, d=row.q.shape[-1], n=row.q.shape[2], fwd_bwd_median_ms=med,
-                        speed_vs_peer=entry["fwd_bwd_speed_vs_peer"], diff=entry["hybrid_rel_diff_vs_dldna"])))
+    entry["fwd_bwd_speed_vs_peer"] = {name: med[row.peer] / med[name] for name in names}
+    log(json.dumps(dict(tags, fwd_bwd_median_ms=med, speed_vs_peer=entry["fwd_bwd_speed_vs_peer"],
+                        diff=entry["hybrid_rel_diff_vs_dldna"])))
     return entry
 
 
@@ -418,16 +415,13 @@ def main():
                for name, variant in variants.items()}
         peers = ("dldna", "sdpa_cudnn", "sdpa_flash") if mask == "causal" else ("dldna", "flex")
         fns.update({name: row.fns[name] for name in peers})
-        entry = dict(mask=mask, d=d, n=n, batch=b, heads=h, window=window, rel_err_vs_peer=errs, peer=row.peer,
-                     rounds=[])
+        entry = dict(mask=mask, d=d, n=n, batch=b, heads=h, window=window, rel_err_vs_peer=errs, peer=row.peer)
+        inputs = (row.q, row.k, row.v)
         with torch.no_grad():
             triton.testing.do_bench(fns["dldna"], warmup=200, rep=500)  # heat the GPU to its steady clock
-            for r in range(args.rounds):
-                order = list(fns) if r % 2 == 0 else list(fns)[::-1]
-                times = {name: time_pass(fns[name], "fwd", row.grad, (row.q, row.k, row.v)) for name in order}
-                entry["rounds"].append({name: round(flops / (t * 1e-3) / 1e12, 1) for name, t in times.items()})
-                log(json.dumps(dict(mask=mask, d=d, n=n, round=r, tflops=entry["rounds"][-1])))
-        entry["median_tflops"] = {name: sorted(rd[name] for rd in entry["rounds"])[args.rounds // 2] for name in fns}
+            entry["rounds"], entry["median_tflops"] = timed_rounds(
+                lambda name: round(flops / (time_pass(fns[name], "fwd", row.grad, inputs) * 1e-3) / 1e12, 1),
+                list(fns), args.rounds, log, "tflops", mask=mask, d=d, n=n)
         log(json.dumps(dict(mask=mask, d=d, n=n, median_tflops=entry["median_tflops"], rel_err=errs)))
         if args.fwd_bwd:
             entry.update(time_fwd_bwd(row, mask, window, args.rounds, log))
