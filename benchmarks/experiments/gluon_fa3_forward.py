@@ -343,6 +343,24 @@ def timed_rounds(measure, names, rounds, log, label, **tags):
     return results, {name: sorted(rd[name] for rd in results)[rounds // 2] for name in names}
 
 
+def line_logger(out_dir, name):
+    """A function that prints a line and appends it to ``out_dir/name.log`` (flushed: a killed run keeps its lines)."""
+    os.makedirs(out_dir, exist_ok=True)
+    log_file = open(os.path.join(out_dir, name + ".log"), "w")
+
+    def log(line):
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    return log
+
+
+def parse_cases(cases):
+    """``MASK:HEAD_DIM:N`` strings as ``(mask, d, n)`` tuples."""
+    return [(m, int(d), int(n)) for m, d, n in (case.split(":") for case in cases)]
+
+
 def time_fwd_bwd(row, mask, window, rounds, log):
     """Forward+backward in ms, median of ``rounds``: the Gluon forward with dldna's backward, dldna, and the row's
     peer; and how far the hybrid's output and gradients are from dldna's."""
@@ -374,14 +392,7 @@ def main():
     parser.add_argument("--fwd-bwd", action="store_true",
                         help="also time forward+backward with the Gluon forward (v2) and dldna's backward")
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    log_file = open(os.path.join(args.out, args.log_name + ".log"), "w")
-
-    def log(line):
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
-
+    log = line_logger(args.out, args.log_name)
     if args.compile_only:
         for d in (64, 128):
             for window in (0, 1024):
@@ -399,7 +410,7 @@ def main():
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.date.today().isoformat(), "command": command, "check": check(log), "rows": []}
     variants = {name: VARIANTS[name] for name in args.variants}
-    for mask, d, n in ((m, int(d), int(n)) for m, d, n in (case.split(":") for case in args.cases)):
+    for mask, d, n in parse_cases(args.cases):
         window = WINDOW if mask == "window" else None
         b, h = problem(n, d)
         row = BenchRow(mask, d, n)

@@ -810,21 +810,36 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
     Block-sparse: ``layout`` is the ``layout_spans`` of the block layout (for dQ) and ``layout_t`` those of its
     transpose (for dK/dV: the query blocks of each key block).
     """
+    dq, lse2, delta = backward_dq(q, k, v, o, lse, do, band_lo, band_hi, scale, layout, block)
+    dk, dv = backward_dkdv(q, k, v, do, lse2, delta, band_lo, band_hi, scale, layout_t, block)
+    return dq, dk, dv
+
+
+def _backward_key(q, k, v, do, band_lo, band_hi, sparse: bool, block) -> tuple[tuple, bool]:
+    """The tuning key of both backward kernels, and whether their dense tiles may come through TMA."""
+    b, h, n_q, d = q.shape
+    n_kv, n_k = k.shape[1], k.shape[2]
+    if sparse:
+        return (d, str(q.dtype), "layout", block, _pow2(n_q), _pow2(n_k), h // n_kv > 1), False
+    tma_ok = _tma_ok(q, k, v, do)
+    return (d, str(q.dtype), band_lo is not None, band_hi is not None, _pow2(n_q), _pow2(n_k), h // n_kv > 1,
+            tma_ok), tma_ok
+
+
+def backward_dq(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None, block=None):
+    """The dQ kernel: ``(dq, lse2, delta)``, with the base-2 LSE (``+inf`` for rows without keys) and
+    ``delta = rowsum(dO * O)`` it also writes, both ``(B, H, N)`` float32, for ``backward_dkdv``."""
     b, h, n_q, d = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
     group = h // n_kv
-    delta = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)  # written by the dQ kernel
-    lse2 = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)  # the same (base-2 LSE, +inf if no key)
+    delta = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
+    lse2 = torch.empty((b, h, n_q), device=q.device, dtype=torch.float32)
     dq = torch.empty((b, h, n_q, d), device=q.device, dtype=q.dtype)
-    dk = torch.empty((b, n_kv, n_k, d), device=q.device, dtype=k.dtype)
-    dv = torch.empty((b, n_kv, n_k, d), device=q.device, dtype=v.dtype)
     has_lo, has_hi = band_lo is not None, band_hi is not None
     sparse = layout is not None
     row_span, col_idx = layout if sparse else (_no_layout(q.device),) * 2
-    col_span, row_idx = layout_t if sparse else (_no_layout(q.device),) * 2
     ragged = not sparse and band_lo is None  # causal (or full): the blocks' work differs
     dq_chunk = _heads_per_chunk(b * h, n_k, d * k.element_size(), ragged)
-    dkdv_chunk = _heads_per_chunk(b * n_kv, n_q * group, d * q.element_size(), ragged)
 
     def launch_dq(cfg):
         kt, vt = k, v
@@ -838,6 +853,23 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
             USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1, RAGGED=n_k % cfg.block_n != 0,
             WIDE_BAND=_wide_band(band_lo, band_hi, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
+    key, tma_ok = _backward_key(q, k, v, do, band_lo, band_hi, sparse, block)
+    configs = layout_candidate_configs("dq", block, d) if sparse else None
+    launch_dq(_pick_config("dq", key, d, launch_dq, tma_ok=tma_ok, configs=configs))
+    return dq, lse2, delta
+
+
+def backward_dkdv(q, k, v, do, lse2, delta, band_lo, band_hi, scale, layout_t=None, block=None):
+    """The dK/dV kernel on the ``lse2`` and ``delta`` that ``backward_dq`` wrote: ``(dk, dv)``."""
+    b, h, n_q, d = q.shape
+    n_kv, n_k = k.shape[1], k.shape[2]
+    group = h // n_kv
+    dk = torch.empty((b, n_kv, n_k, d), device=q.device, dtype=k.dtype)
+    dv = torch.empty((b, n_kv, n_k, d), device=q.device, dtype=v.dtype)
+    sparse = layout_t is not None
+    col_span, row_idx = layout_t if sparse else (_no_layout(q.device),) * 2
+    ragged = not sparse and band_lo is None
+    dkdv_chunk = _heads_per_chunk(b * n_kv, n_q * group, d * q.element_size(), ragged)
     # Seen from the keys: query i may see key j  <=>  -band_hi <= i - j <= -band_lo.
     t_lo = None if band_hi is None else -band_hi
     t_hi = None if band_lo is None else -band_lo
@@ -854,13 +886,7 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
             RAGGED=n_q % cfg.block_m != 0, EARLY_DP=_early_dp(d, cfg), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
 
-    if sparse:
-        key = (d, str(q.dtype), "layout", block, _pow2(n_q), _pow2(n_k), group > 1)
-        launch_dq(_pick_config("dq", key, d, launch_dq, configs=layout_candidate_configs("dq", block, d)))
-        launch_dkdv(_pick_config("dkdv", key, d, launch_dkdv, configs=layout_candidate_configs("dkdv", block, d)))
-        return dq, dk, dv
-    tma_ok = _tma_ok(q, k, v, do)
-    key = (d, str(q.dtype), has_lo, has_hi, _pow2(n_q), _pow2(n_k), group > 1, tma_ok)
-    launch_dq(_pick_config("dq", key, d, launch_dq, tma_ok=tma_ok))
-    launch_dkdv(_pick_config("dkdv", key, d, launch_dkdv, tma_ok=tma_ok))
-    return dq, dk, dv
+    key, tma_ok = _backward_key(q, k, v, do, band_lo, band_hi, sparse, block)
+    configs = layout_candidate_configs("dkdv", block, d) if sparse else None
+    launch_dkdv(_pick_config("dkdv", key, d, launch_dkdv, tma_ok=tma_ok, configs=configs))
+    return dk, dv

@@ -1,0 +1,385 @@
+"""Scratch: an FA3-style dK/dV kernel in Gluon, behind dldna's dQ kernel (which also writes the base-2 LSE and
+``delta = rowsum(dO * O)`` that this kernel reads), with either forward in front.
+
+At causal 16k, D = 128 the shipped dK/dV kernel takes 3.95 of the backward's 6.6 ms, and on the D = 128 sliding
+windows it is the largest of the three kernels too; ``gluon_fa3_forward.py`` showed that a warp-specialised Gluon
+forward beats the shipped one by 7 to 20 % at D = 128. This kernel does the same to dK/dV:
+- one loader warpgroup copies the program's 128 keys' K and V once, then Q and dO tiles of 64 query rows into a ring
+  of ``STAGES`` buffers (TMA, mbarriers), and gives its registers to the consumers (``setmaxnreg``);
+- two consumer warpgroups, 64 keys each, keep their dK and dV (64 x D fp32) in registers. Per query tile each issues
+  ``S^T = K Q^T`` and ``dP^T = V dO^T`` at once (asynchronous ``wgmma``), computes ``P^T`` while ``dP^T`` is still
+  in flight, then ``dS^T = P^T (dP^T - delta)``, issues ``dV += P^T dO`` and ``dK += dS^T Q`` together (P^T and dS^T
+  from registers) and waits once for both;
+- each consumer walks its tiles in three loops: up to its diagonal tile (masked; the second warpgroup passes over the
+  block's first tile, where all of its keys are masked, without computing), the full tiles (no mask code), and with a
+  window the tiles from its far edge on (masked, or passed over). With the mask behind a runtime branch in one loop
+  instead, ``ptxas`` spilled 812 to 968 bytes at D = 128 (loop-invariant shared-memory descriptors); with three
+  loops 12 to 20 (causal) and 64 to 416 (window).
+
+Gluon kernels do not run under ``TRITON_INTERPRET=1``, so this cannot ship to the book either (see
+``gluon_fa3_forward.py``). Limits: bf16, causal (optionally windowed), ``N % 128 == 0``, D in {64, 128}, no GQA.
+
+    PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dkdv.py --out benchmarks/experiments/logs
+        [--rounds 3] [--stages 2] [--cases causal:128:16384 window:128:16384 ...] [--log-name NAME]
+    PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dkdv.py --compile-only   # sm_90a registers, no GPU
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+
+sys.path.insert(0, os.getcwd())
+from benchmarks.experiments.gluon_fa3_forward import (LOG2E, MAXNREG, ROWS, _descriptor, fa3_forward,  # noqa: E402
+                                                      line_logger, parse_cases, timed_rounds)
+
+KEYS = gl.constexpr(128)  # keys per program: two consumer warpgroups of ROWS keys
+QROWS = gl.constexpr(64)  # query rows per tile of the loop
+REGS_CONSUMER = gl.constexpr(240)
+REGS_LOADER = gl.constexpr(24)
+
+
+@gluon.jit
+def _query_tiles(pid_n, n_ctx, WINDOW: gl.constexpr):
+    """Query tiles ``[lo, hi)`` of key block ``pid_n``: from the diagonal on, and with ``WINDOW`` > 0 (query i sees
+    keys i - WINDOW < j <= i) up to the tile of the last key's last query."""
+    k0 = pid_n * KEYS
+    lo = k0 // QROWS
+    hi = n_ctx // QROWS
+    if WINDOW > 0:
+        hi = gl.minimum(hi, (k0 + KEYS - 2 + WINDOW) // QROWS + 1)
+    return lo, hi
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, do_desc, bufs, n_ctx, WINDOW: gl.constexpr):
+    """The producer warpgroup: both halves of K and V once, then Q and dO tile by tile into the ring."""
+    k_bufs, v_bufs, q_bufs, do_bufs, kv_ready, ready, empty = bufs
+    STAGES: gl.constexpr = q_bufs.shape[0]
+    pid_n = gl.program_id(0)
+    row0 = gl.program_id(1) * n_ctx
+    k_row = row0 + pid_n * KEYS
+    mbarrier.expect(kv_ready, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+    for half in gl.static_range(2):
+        tma.async_copy_global_to_shared(k_desc, [k_row + half * ROWS, 0], kv_ready, k_bufs.index(half))
+        tma.async_copy_global_to_shared(v_desc, [k_row + half * ROWS, 0], kv_ready, v_bufs.index(half))
+    lo, hi = _query_tiles(pid_n, n_ctx, WINDOW)
+    for t in range(lo, hi):
+        s = (t - lo) % STAGES
+        phase = ((t - lo) // STAGES) & 1
+        mbarrier.wait(empty.index(s), phase ^ 1)
+        mbarrier.expect(ready.index(s), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row0 + t * QROWS, 0], ready.index(s), q_bufs.index(s))
+        tma.async_copy_global_to_shared(do_desc, [row0 + t * QROWS, 0], ready.index(s), do_bufs.index(s))
+
+
+@gluon.jit
+def _step(t, lo, dk, dv, k_smem, v_smem, bufs, lse2_ptr, delta_ptr, k_start, qk_scale, s_layout: gl.constexpr,
+          a_layout: gl.constexpr, MASKED: gl.constexpr, WINDOW: gl.constexpr):
+    """Fold query tile ``t`` into this warpgroup's dK, dV; ``MASKED``: the tile may hold masked pairs, or none of
+    its pairs may be allowed (then it is only passed over)."""
+    k_bufs, v_bufs, q_bufs, do_bufs, kv_ready, ready, empty = bufs
+    STAGES: gl.constexpr = q_bufs.shape[0]
+    s = (t - lo) % STAGES
+    q0 = t * QROWS
+    mbarrier.wait(ready.index(s), ((t - lo) // STAGES) & 1)
+    skip = False
+    if MASKED:
+        skip = q0 + QROWS - 1 < k_start  # every query of the tile before every key
+        if WINDOW > 0:
+            skip = skip | (q0 > k_start + ROWS - 2 + WINDOW)  # every query past every key's window
+    if not skip:
+        q_smem = q_bufs.index(s)
+        do_smem = do_bufs.index(s)
+        zeros_s = gl.zeros([ROWS, QROWS], gl.float32, s_layout)
+        cols = q0 + gl.arange(0, QROWS, gl.SliceLayout(0, s_layout))
+        st_tok = warpgroup_mma(k_smem, q_smem.permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+        dpt_tok = warpgroup_mma(v_smem, do_smem.permute((1, 0)), zeros_s, use_acc=False, is_async=True)
+        lse2 = gl.load(lse2_ptr + cols)
+        delta = gl.load(delta_ptr + cols)
+        st = warpgroup_mma_wait(1, deps=[st_tok])
+        pt = gl.exp2(st * qk_scale - gl.expand_dims(lse2, 0))
+        if MASKED:
+            keys = gl.expand_dims(k_start + gl.arange(0, ROWS, gl.SliceLayout(1, s_layout)), 1)
+            allowed = gl.expand_dims(cols, 0) >= keys
+            if WINDOW > 0:
+                allowed = allowed & (gl.expand_dims(cols, 0) < keys + WINDOW)
+            pt = gl.where(allowed, pt, 0.0)
+        dpt = warpgroup_mma_wait(0, deps=[dpt_tok])
+        dst = pt * (dpt - gl.expand_dims(delta, 0))
+        # both products issued only now: P^T in fp32 and the bf16 operands of an in-flight dV product together
+        # would not fit in 240 registers beside dK and dV at D = 128
+        dv_tok = warpgroup_mma(gl.convert_layout(pt.to(gl.bfloat16), a_layout), do_smem, dv, is_async=True)
+        dk_tok = warpgroup_mma(gl.convert_layout(dst.to(gl.bfloat16), a_layout), q_smem, dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
+    mbarrier.arrive(empty.index(s))
+    return dk, dv
+
+
+@gluon.jit
+def _consumer(dk_desc, dv_desc, lse2_ptr, delta_ptr, bufs, n_ctx, qk_scale, sm_scale, HEAD_DIM: gl.constexpr,
+              WINDOW: gl.constexpr, HALF: gl.constexpr):
+    """One consumer warpgroup: keys ``HALF * ROWS .. + ROWS`` of the block; dK and dV in registers. Its tiles in
+    three loops, masked ones apart: up to the diagonal tile, the full tiles, the tiles from the window's far edge."""
+    k_bufs, v_bufs, q_bufs, do_bufs, kv_ready, ready, empty = bufs
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, QROWS, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+
+    pid_n = gl.program_id(0)
+    bh = gl.program_id(1)
+    k_start = pid_n * KEYS + HALF * ROWS  # first key of this warpgroup, within the head
+    lo, hi = _query_tiles(pid_n, n_ctx, WINDOW)
+    diag = k_start // QROWS  # the tile of the diagonal
+    far = hi  # the first tile with a pair past the window
+    if WINDOW > 0:
+        far = gl.minimum(gl.maximum((k_start + WINDOW) // QROWS, diag + 1), hi)
+    k_smem = k_bufs.index(HALF)
+    v_smem = v_bufs.index(HALF)
+    lse2_ptr += bh * n_ctx
+    delta_ptr += bh * n_ctx
+    mbarrier.wait(kv_ready, 0)
+
+    dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    for t in range(lo, diag + 1):
+        dk, dv = _step(t, lo, dk, dv, k_smem, v_smem, bufs, lse2_ptr, delta_ptr, k_start, qk_scale, s_layout,
+                       a_layout, True, WINDOW)
+    for t in range(diag + 1, far):
+        dk, dv = _step(t, lo, dk, dv, k_smem, v_smem, bufs, lse2_ptr, delta_ptr, k_start, qk_scale, s_layout,
+                       a_layout, False, WINDOW)
+    for t in range(far, hi):
+        dk, dv = _step(t, lo, dk, dv, k_smem, v_smem, bufs, lse2_ptr, delta_ptr, k_start, qk_scale, s_layout,
+                       a_layout, True, WINDOW)
+
+    # K and V are no longer read: their buffers stage dK and dV for the TMA stores
+    k_smem.store((dk * sm_scale).to(gl.bfloat16))
+    v_smem.store(dv.to(gl.bfloat16))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [bh * n_ctx + k_start, 0], k_smem)
+    tma.async_copy_shared_to_global(dv_desc, [bh * n_ctx + k_start, 0], v_smem)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _fa3_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse2_ptr, delta_ptr, n_ctx, qk_scale, sm_scale,
+              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WINDOW: gl.constexpr):
+    """Grid ``(N / 128, B * H)``; every tensor a 2-D ``(B * H * N, D)`` descriptor; ``WINDOW`` 0: causal."""
+    k_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, ROWS, HEAD_DIM], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, ROWS, HEAD_DIM], v_desc.layout)
+    q_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, QROWS, HEAD_DIM], q_desc.layout)
+    do_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, QROWS, HEAD_DIM], do_desc.layout)
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    mbarrier.init(kv_ready, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)  # released by both consumers
+    fence_async_shared()
+
+    bufs = (k_bufs, v_bufs, q_bufs, do_bufs, kv_ready, ready, empty)
+    gl.warp_specialize([(_consumer, (dk_desc, dv_desc, lse2_ptr, delta_ptr, bufs, n_ctx, qk_scale, sm_scale,
+                                     HEAD_DIM, WINDOW, 0)),
+                        (_consumer, (dk_desc, dv_desc, lse2_ptr, delta_ptr, bufs, n_ctx, qk_scale, sm_scale,
+                                     HEAD_DIM, WINDOW, 1)),
+                        (_loader, (q_desc, k_desc, v_desc, do_desc, bufs, n_ctx, WINDOW))], [4, 4],
+                       [REGS_CONSUMER, REGS_LOADER])
+
+
+def fa3_dkdv(q, k, v, do, lse2, delta, window=None, stages=2):
+    """dK, dV of causal (windowed) attention of bf16 ``(B, H, N, D)`` tensors, from the base-2 LSE and
+    ``delta`` (``(B, H, N)`` float32) that ``dldna.kernels.flash_triton.backward_dq`` writes."""
+    b, h, n, d = q.shape
+    if q.dtype != torch.bfloat16 or n % KEYS.value or d not in (64, 128) or any(t.shape != q.shape for t in (k, v, do)):
+        raise ValueError(f"q, k, v, do must be bf16 (B, H, N, D) of one shape with N % 128 == 0, D in (64, 128); "
+                         f"got {tuple(q.shape)} {q.dtype}")
+    q2, k2, v2, do2 = (t.contiguous().view(b * h * n, d) for t in (q, k, v, do))
+    dk, dv = torch.empty_like(k2), torch.empty_like(v2)
+    descs = [_descriptor(q2, QROWS.value), _descriptor(k2, ROWS.value), _descriptor(v2, ROWS.value),
+             _descriptor(do2, QROWS.value), _descriptor(dk, ROWS.value), _descriptor(dv, ROWS.value)]
+    scale = 1.0 / math.sqrt(d)
+    _fa3_dkdv[(n // KEYS.value, b * h)](*descs, lse2, delta, n, scale * LOG2E.value, scale, HEAD_DIM=d,
+                                        STAGES=stages, WINDOW=window or 0, num_warps=4, maxnreg=MAXNREG)
+    return dk.view(b, h, n, d), dv.view(b, h, n, d)
+
+
+class Hybrid(torch.autograd.Function):
+    """Causal (windowed) attention with the Gluon forward or dldna's, then dldna's dQ kernel and the Gluon dK/dV
+    (or dldna's, with ``gluon_dkdv`` False)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, gluon_forward, gluon_dkdv, stages):
+        from dldna.kernels import flash_triton
+
+        band = _band(q, window)
+        if gluon_forward:
+            out, lse = fa3_forward(q, k, v, window=window)
+        else:
+            out, lse = flash_triton.attention_forward(q, k, v, band.lo, band.hi, 1.0 / math.sqrt(q.shape[-1]))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.window, ctx.gluon_dkdv, ctx.stages = window, gluon_dkdv, stages
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from dldna.kernels import flash_triton
+
+        q, k, v, out, lse = ctx.saved_tensors
+        band, scale, grad_out = _band(q, ctx.window), 1.0 / math.sqrt(q.shape[-1]), grad_out.contiguous()
+        dq, lse2, delta = flash_triton.backward_dq(q, k, v, out, lse, grad_out, band.lo, band.hi, scale)
+        if ctx.gluon_dkdv:
+            dk, dv = fa3_dkdv(q, k, v, grad_out, lse2, delta, ctx.window, ctx.stages)
+        else:
+            dk, dv = flash_triton.backward_dkdv(q, k, v, grad_out, lse2, delta, band.lo, band.hi, scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def _band(q, window):
+    from dldna.kernels.tiled import band_limits
+
+    return band_limits(q.shape[2], q.shape[2], True, window)
+
+
+# name: (Gluon forward, Gluon dK/dV)
+HYBRIDS = {"dldna_fwd_gluon_dkdv": (False, True), "gluon_fwd_gluon_dkdv": (True, True),
+           "gluon_fwd_dldna_bwd": (True, False)}
+
+
+def compile_only(d, stages=2, window=0):
+    """Registers, spills and shared memory of the sm_90a build (no GPU needed)."""
+    from benchmarks.flash_compile_report import ptxas_info
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    def desc(rows):
+        return f"tensordesc<bf16[{rows}, {d}],{gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16)!r}>"
+
+    sig = {"q_desc": desc(QROWS.value), "k_desc": desc(ROWS.value), "v_desc": desc(ROWS.value),
+           "do_desc": desc(QROWS.value), "dk_desc": desc(ROWS.value), "dv_desc": desc(ROWS.value),
+           "lse2_ptr": "*fp32", "delta_ptr": "*fp32", "n_ctx": "i32", "qk_scale": "fp32", "sm_scale": "fp32",
+           "HEAD_DIM": "constexpr", "STAGES": "constexpr", "WINDOW": "constexpr"}
+    src = GluonASTSource(_fa3_dkdv, sig, {"HEAD_DIM": d, "STAGES": stages, "WINDOW": window})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": MAXNREG})
+    ptx = kernel.asm["ptx"]
+    return {"head_dim": d, "stages": stages, "window": window, "shared_bytes": kernel.metadata.shared,
+            "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg"), **ptxas_info(ptx)}
+
+
+def check(stages_list, log):
+    """Largest errors of dK and dV against float64 on small causal and windowed shapes (odd B and H, 1 to 8 key
+    blocks, windows shorter than a tile, not a multiple of it, and as long as N), next to those of dldna's shipped
+    kernels on the same inputs (bf16 rounding sets that floor)."""
+    from dldna.attention import attention, sliding_window_mask
+    from dldna.kernels import flash_attention
+
+    torch.manual_seed(0)
+    results = []
+    for b, h, n, d, window in ((1, 3, 128, 64, None), (2, 1, 384, 128, None), (1, 2, 1024, 64, None),
+                               (3, 1, 640, 128, None), (1, 3, 640, 64, 100), (2, 1, 768, 128, 300),
+                               (1, 2, 1024, 64, 1024), (1, 1, 512, 128, 129), (1, 2, 1024, 128, 64)):
+        q, k, v, grad = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        mask = sliding_window_mask(n, window).to("cuda") if window else None
+        q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+        attention(q64, k64, v64, mask=mask, causal=True).backward(grad.double())
+        row = dict(shape=[b, h, n, d], window=window)
+        fns = {f"gluon_{stages}stages": (lambda q, k, v, stages=stages: Hybrid.apply(q, k, v, window, False, True,
+                                                                                    stages))
+               for stages in stages_list}
+        fns["dldna"] = lambda q, k, v: flash_attention(q, k, v, causal=True, window=window)
+        for name, fn in fns.items():
+            qi, ki, vi = (t.clone().requires_grad_() for t in (q, k, v))
+            fn(qi, ki, vi).backward(grad)
+            for label, got, ref in (("dk", ki.grad, k64.grad), ("dv", vi.grad, v64.grad), ("dq", qi.grad, q64.grad)):
+                row[f"{name}_{label}_max_err"] = (got.double() - ref).abs().max().item()
+        results.append(row)
+        log(json.dumps(row))
+    return results
+
+
+def time_dkdv(row, window, stages_list, rounds, log, **tags):
+    """The dK/dV kernels alone, in ms (medians of ``rounds``): the Gluon one with each ``stages`` and dldna's on its
+    stored tuned config, on the ``lse2`` and ``delta`` of one shipped forward and dQ pass."""
+    from dldna.kernels import flash_triton
+
+    q, k, v = (t.detach() for t in (row.q, row.k, row.v))
+    band, scale = _band(q, window), 1.0 / math.sqrt(q.shape[-1])
+    out, lse = flash_triton.attention_forward(q, k, v, band.lo, band.hi, scale)
+    _, lse2, delta = flash_triton.backward_dq(q, k, v, out, lse, row.grad, band.lo, band.hi, scale)
+    fns = {f"gluon_dkdv_{stages}stages": (lambda stages=stages: fa3_dkdv(q, k, v, row.grad, lse2, delta, window,
+                                                                         stages))
+           for stages in stages_list}
+    fns["dldna_dkdv"] = lambda: flash_triton.backward_dkdv(q, k, v, row.grad, lse2, delta, band.lo, band.hi, scale)
+    return timed_rounds(lambda name: round(triton.testing.do_bench(fns[name], return_mode="median"), 4), list(fns),
+                        rounds, log, "dkdv_ms", **tags)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/experiments/logs")
+    parser.add_argument("--log-name", default="gluon_fa3_dkdv", help="file name of the .log and .json")
+    parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds per row (order reversed every other)")
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3],
+                        help="Q/dO tiles in flight in shared memory: each is timed alone, the first also in fwd+bwd")
+    parser.add_argument("--cases", nargs="+", default=["causal:128:16384", "window:128:16384", "window:128:4096",
+                                                       "window:128:65536", "causal:64:4096", "window:64:16384"],
+                        help="MASK:HEAD_DIM:N rows (MASK causal or window), timed at the benchmark's batch x heads")
+    args = parser.parse_args()
+    log = line_logger(args.out, args.log_name)
+    if args.compile_only:
+        for d in (64, 128):
+            for window in (0, 1024):
+                for stages in (2, 3):
+                    log(json.dumps(compile_only(d, stages, window)))
+        return
+    from benchmarks.attention import WINDOW, BenchRow, allow_flex_recompiles
+    from dldna.kernels import flash_triton, report
+
+    allow_flex_recompiles()
+    record = json.load(open("results/flash_attention_bench.json"))
+    command = "PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dkdv.py " + " ".join(sys.argv[1:])
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "date": datetime.date.today().isoformat(), "command": command, "check": check(args.stages, log),
+              "rows": []}
+    for mask, d, n in parse_cases(args.cases):
+        window = WINDOW if mask == "window" else None
+        row = BenchRow(mask, d, n)
+        flash_triton.restore_tuning()
+        report.force_tuned_configs(record, mask, d, n)  # the shipped kernels with their stored tuned configs
+        for name, (gluon_forward, gluon_dkdv) in HYBRIDS.items():
+            row.fns[name] = (lambda gf=gluon_forward, gd=gluon_dkdv:
+                             Hybrid.apply(row.q, row.k, row.v, window, gf, gd, args.stages[0]))
+        names = list(HYBRIDS) + ["dldna", row.peer]
+        shipped = row.outputs("dldna")
+        diffs = {name: {label: ((a.float() - b.float()).norm() / b.float().norm()).item()
+                        for label, a, b in zip(("out", "dq", "dk", "dv"), row.outputs(name), shipped)}
+                 for name in HYBRIDS}
+        tags = dict(mask=mask, d=d, n=n)
+        triton.testing.do_bench(lambda: row.outputs("dldna"), warmup=200, rep=500)  # heat the GPU to its clock
+        rounds, med = timed_rounds(lambda name: round(row.time(name, "fwd+bwd"), 4), names, args.rounds, log,
+                                   "fwd_bwd_ms", **tags)
+        dkdv_rounds, dkdv_med = time_dkdv(row, window, args.stages, args.rounds, log, **tags)
+        entry = dict(tags, window=window, peer=row.peer, rel_diff_vs_dldna=diffs, fwd_bwd_rounds_ms=rounds,
+                     fwd_bwd_median_ms=med, fwd_bwd_speed_vs_peer={name: med[row.peer] / med[name] for name in names},
+                     dkdv_rounds_ms=dkdv_rounds, dkdv_median_ms=dkdv_med)
+        log(json.dumps({k: entry[k] for k in ("mask", "d", "n", "fwd_bwd_median_ms", "fwd_bwd_speed_vs_peer",
+                                              "dkdv_median_ms", "rel_diff_vs_dldna")}))
+        result["rows"].append(entry)
+    with open(os.path.join(args.out, args.log_name + ".json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
