@@ -20,7 +20,7 @@ Gluon kernels do not run under ``TRITON_INTERPRET=1``, so this cannot ship to th
 ``gluon_fa3_forward.py``). Limits: bf16, causal (optionally windowed), ``N % 128 == 0``, D in {64, 128}, no GQA.
 
     PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dkdv.py --out benchmarks/experiments/logs
-        [--rounds 3] [--stages 2] [--cases causal:128:16384 window:128:16384 ...] [--log-name NAME]
+        [--rounds 3] [--variants 2:2 3:2 2:1] [--dkdv-only] [--cases causal:128:16384 ...] [--log-name NAME]
     PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dkdv.py --compile-only   # sm_90a registers, no GPU
 """
 import argparse
@@ -41,16 +41,15 @@ sys.path.insert(0, os.getcwd())
 from benchmarks.experiments.gluon_fa3_forward import (LOG2E, MAXNREG, ROWS, _descriptor, fa3_forward,  # noqa: E402
                                                       line_logger, parse_cases, timed_rounds)
 
-KEYS = gl.constexpr(128)  # keys per program: two consumer warpgroups of ROWS keys
 QROWS = gl.constexpr(64)  # query rows per tile of the loop
 REGS_CONSUMER = gl.constexpr(240)
 REGS_LOADER = gl.constexpr(24)
 
 
 @gluon.jit
-def _query_tiles(pid_n, n_ctx, WINDOW: gl.constexpr):
-    """Query tiles ``[lo, hi)`` of key block ``pid_n``: from the diagonal on, and with ``WINDOW`` > 0 (query i sees
-    keys i - WINDOW < j <= i) up to the tile of the last key's last query."""
+def _query_tiles(pid_n, n_ctx, KEYS: gl.constexpr, WINDOW: gl.constexpr):
+    """Query tiles ``[lo, hi)`` of the ``KEYS`` keys of key block ``pid_n``: from the diagonal on, and with
+    ``WINDOW`` > 0 (query i sees keys i - WINDOW < j <= i) up to the tile of the last key's last query."""
     k0 = pid_n * KEYS
     lo = k0 // QROWS
     hi = n_ctx // QROWS
@@ -64,14 +63,16 @@ def _loader(q_desc, k_desc, v_desc, do_desc, bufs, n_ctx, WINDOW: gl.constexpr):
     """The producer warpgroup: both halves of K and V once, then Q and dO tile by tile into the ring."""
     k_bufs, v_bufs, q_bufs, do_bufs, kv_ready, ready, empty = bufs
     STAGES: gl.constexpr = q_bufs.shape[0]
+    CONSUMERS: gl.constexpr = k_bufs.shape[0]
+    KEYS: gl.constexpr = CONSUMERS * ROWS
     pid_n = gl.program_id(0)
     row0 = gl.program_id(1) * n_ctx
     k_row = row0 + pid_n * KEYS
-    mbarrier.expect(kv_ready, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
-    for half in gl.static_range(2):
+    mbarrier.expect(kv_ready, CONSUMERS * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+    for half in gl.static_range(CONSUMERS):
         tma.async_copy_global_to_shared(k_desc, [k_row + half * ROWS, 0], kv_ready, k_bufs.index(half))
         tma.async_copy_global_to_shared(v_desc, [k_row + half * ROWS, 0], kv_ready, v_bufs.index(half))
-    lo, hi = _query_tiles(pid_n, n_ctx, WINDOW)
+    lo, hi = _query_tiles(pid_n, n_ctx, KEYS, WINDOW)
     for t in range(lo, hi):
         s = (t - lo) % STAGES
         phase = ((t - lo) // STAGES) & 1
@@ -138,8 +139,9 @@ def _consumer(dk_desc, dv_desc, lse2_ptr, delta_ptr, bufs, n_ctx, qk_scale, sm_s
 
     pid_n = gl.program_id(0)
     bh = gl.program_id(1)
+    KEYS: gl.constexpr = k_bufs.shape[0] * ROWS
     k_start = pid_n * KEYS + HALF * ROWS  # first key of this warpgroup, within the head
-    lo, hi = _query_tiles(pid_n, n_ctx, WINDOW)
+    lo, hi = _query_tiles(pid_n, n_ctx, KEYS, WINDOW)
     diag = k_start // QROWS  # the tile of the diagonal
     far = hi  # the first tile with a pair past the window
     if WINDOW > 0:
@@ -173,10 +175,12 @@ def _consumer(dk_desc, dv_desc, lse2_ptr, delta_ptr, bufs, n_ctx, qk_scale, sm_s
 
 @gluon.jit
 def _fa3_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse2_ptr, delta_ptr, n_ctx, qk_scale, sm_scale,
-              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WINDOW: gl.constexpr):
-    """Grid ``(N / 128, B * H)``; every tensor a 2-D ``(B * H * N, D)`` descriptor; ``WINDOW`` 0: causal."""
-    k_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, ROWS, HEAD_DIM], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, ROWS, HEAD_DIM], v_desc.layout)
+              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, WINDOW: gl.constexpr, CONSUMERS: gl.constexpr):
+    """Grid ``(N / (64 * CONSUMERS), B * H)``; every tensor a 2-D ``(B * H * N, D)`` descriptor; ``WINDOW`` 0:
+    causal. ``CONSUMERS``: 2 (128 keys per program, one program per SM at D = 128) or 1 (64 keys, a smaller
+    program, so that two share an SM)."""
+    k_bufs = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, ROWS, HEAD_DIM], k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, ROWS, HEAD_DIM], v_desc.layout)
     q_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, QROWS, HEAD_DIM], q_desc.layout)
     do_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, QROWS, HEAD_DIM], do_desc.layout)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
@@ -186,41 +190,57 @@ def _fa3_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse2_ptr, delta
     mbarrier.init(kv_ready, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=2)  # released by both consumers
+        mbarrier.init(empty.index(s), count=CONSUMERS)  # released by every consumer
     fence_async_shared()
 
     bufs = (k_bufs, v_bufs, q_bufs, do_bufs, kv_ready, ready, empty)
-    gl.warp_specialize([(_consumer, (dk_desc, dv_desc, lse2_ptr, delta_ptr, bufs, n_ctx, qk_scale, sm_scale,
-                                     HEAD_DIM, WINDOW, 0)),
-                        (_consumer, (dk_desc, dv_desc, lse2_ptr, delta_ptr, bufs, n_ctx, qk_scale, sm_scale,
-                                     HEAD_DIM, WINDOW, 1)),
-                        (_loader, (q_desc, k_desc, v_desc, do_desc, bufs, n_ctx, WINDOW))], [4, 4],
-                       [REGS_CONSUMER, REGS_LOADER])
+    if CONSUMERS == 2:
+        gl.warp_specialize([(_consumer, (dk_desc, dv_desc, lse2_ptr, delta_ptr, bufs, n_ctx, qk_scale, sm_scale,
+                                         HEAD_DIM, WINDOW, 0)),
+                            (_consumer, (dk_desc, dv_desc, lse2_ptr, delta_ptr, bufs, n_ctx, qk_scale, sm_scale,
+                                         HEAD_DIM, WINDOW, 1)),
+                            (_loader, (q_desc, k_desc, v_desc, do_desc, bufs, n_ctx, WINDOW))], [4, 4],
+                           [REGS_CONSUMER, REGS_LOADER])
+    else:
+        gl.warp_specialize([(_consumer, (dk_desc, dv_desc, lse2_ptr, delta_ptr, bufs, n_ctx, qk_scale, sm_scale,
+                                         HEAD_DIM, WINDOW, 0)),
+                            (_loader, (q_desc, k_desc, v_desc, do_desc, bufs, n_ctx, WINDOW))], [4],
+                           [REGS_LOADER])
 
 
-def fa3_dkdv(q, k, v, do, lse2, delta, window=None, stages=2):
+def fa3_dkdv(q, k, v, do, lse2, delta, window=None, stages=2, consumers=2):
     """dK, dV of causal (windowed) attention of bf16 ``(B, H, N, D)`` tensors, from the base-2 LSE and
-    ``delta`` (``(B, H, N)`` float32) that ``dldna.kernels.flash_triton.backward_dq`` writes."""
+    ``delta`` (``(B, H, N)`` float32) that ``dldna.kernels.flash_triton.backward_dq`` writes; ``consumers``
+    warpgroups of 64 keys per program."""
     b, h, n, d = q.shape
-    if q.dtype != torch.bfloat16 or n % KEYS.value or d not in (64, 128) or any(t.shape != q.shape for t in (k, v, do)):
+    if q.dtype != torch.bfloat16 or n % 128 or d not in (64, 128) or any(t.shape != q.shape for t in (k, v, do)):
         raise ValueError(f"q, k, v, do must be bf16 (B, H, N, D) of one shape with N % 128 == 0, D in (64, 128); "
                          f"got {tuple(q.shape)} {q.dtype}")
+    if consumers not in (1, 2):
+        raise ValueError(f"consumers must be 1 or 2, got {consumers!r}")
     q2, k2, v2, do2 = (t.contiguous().view(b * h * n, d) for t in (q, k, v, do))
     dk, dv = torch.empty_like(k2), torch.empty_like(v2)
     descs = [_descriptor(q2, QROWS.value), _descriptor(k2, ROWS.value), _descriptor(v2, ROWS.value),
              _descriptor(do2, QROWS.value), _descriptor(dk, ROWS.value), _descriptor(dv, ROWS.value)]
     scale = 1.0 / math.sqrt(d)
-    _fa3_dkdv[(n // KEYS.value, b * h)](*descs, lse2, delta, n, scale * LOG2E.value, scale, HEAD_DIM=d,
-                                        STAGES=stages, WINDOW=window or 0, num_warps=4, maxnreg=MAXNREG)
+    _fa3_dkdv[(n // (ROWS.value * consumers), b * h)](*descs, lse2, delta, n, scale * LOG2E.value, scale, HEAD_DIM=d,
+                                                      STAGES=stages, WINDOW=window or 0, CONSUMERS=consumers,
+                                                      num_warps=4, maxnreg=_launch_regs(consumers))
     return dk.view(b, h, n, d), dv.view(b, h, n, d)
+
+
+def _launch_regs(consumers):
+    """Registers per thread at launch: two consumers and the loader share an SM's 65536 (``MAXNREG``); with one
+    consumer, two programs of two warpgroups do (65536 / 512 = 128)."""
+    return MAXNREG if consumers == 2 else 128
 
 
 class Hybrid(torch.autograd.Function):
     """Causal (windowed) attention with the Gluon forward or dldna's, then dldna's dQ kernel and the Gluon dK/dV
-    (or dldna's, with ``gluon_dkdv`` False)."""
+    (or dldna's, with ``gluon_dkdv`` False) with ``variant = (stages, consumers)``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, window, gluon_forward, gluon_dkdv, stages):
+    def forward(ctx, q, k, v, window, gluon_forward, gluon_dkdv, variant):
         from dldna.kernels import flash_triton
 
         band = _band(q, window)
@@ -229,7 +249,7 @@ class Hybrid(torch.autograd.Function):
         else:
             out, lse = flash_triton.attention_forward(q, k, v, band.lo, band.hi, 1.0 / math.sqrt(q.shape[-1]))
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.window, ctx.gluon_dkdv, ctx.stages = window, gluon_dkdv, stages
+        ctx.window, ctx.gluon_dkdv, ctx.variant = window, gluon_dkdv, variant
         return out
 
     @staticmethod
@@ -240,7 +260,7 @@ class Hybrid(torch.autograd.Function):
         band, scale, grad_out = _band(q, ctx.window), 1.0 / math.sqrt(q.shape[-1]), grad_out.contiguous()
         dq, lse2, delta = flash_triton.backward_dq(q, k, v, out, lse, grad_out, band.lo, band.hi, scale)
         if ctx.gluon_dkdv:
-            dk, dv = fa3_dkdv(q, k, v, grad_out, lse2, delta, ctx.window, ctx.stages)
+            dk, dv = fa3_dkdv(q, k, v, grad_out, lse2, delta, ctx.window, *ctx.variant)
         else:
             dk, dv = flash_triton.backward_dkdv(q, k, v, grad_out, lse2, delta, band.lo, band.hi, scale)
         return dq, dk, dv, None, None, None, None
@@ -257,7 +277,7 @@ HYBRIDS = {"dldna_fwd_gluon_dkdv": (False, True), "gluon_fwd_gluon_dkdv": (True,
            "gluon_fwd_dldna_bwd": (True, False)}
 
 
-def compile_only(d, stages=2, window=0):
+def compile_only(d, stages=2, window=0, consumers=2):
     """Registers, spills and shared memory of the sm_90a build (no GPU needed)."""
     from benchmarks.flash_compile_report import ptxas_info
     from triton.backends.compiler import GPUTarget
@@ -269,15 +289,17 @@ def compile_only(d, stages=2, window=0):
     sig = {"q_desc": desc(QROWS.value), "k_desc": desc(ROWS.value), "v_desc": desc(ROWS.value),
            "do_desc": desc(QROWS.value), "dk_desc": desc(ROWS.value), "dv_desc": desc(ROWS.value),
            "lse2_ptr": "*fp32", "delta_ptr": "*fp32", "n_ctx": "i32", "qk_scale": "fp32", "sm_scale": "fp32",
-           "HEAD_DIM": "constexpr", "STAGES": "constexpr", "WINDOW": "constexpr"}
-    src = GluonASTSource(_fa3_dkdv, sig, {"HEAD_DIM": d, "STAGES": stages, "WINDOW": window})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": MAXNREG})
+           "HEAD_DIM": "constexpr", "STAGES": "constexpr", "WINDOW": "constexpr", "CONSUMERS": "constexpr"}
+    src = GluonASTSource(_fa3_dkdv, sig, {"HEAD_DIM": d, "STAGES": stages, "WINDOW": window, "CONSUMERS": consumers})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4, "maxnreg": _launch_regs(consumers)})
     ptx = kernel.asm["ptx"]
-    return {"head_dim": d, "stages": stages, "window": window, "shared_bytes": kernel.metadata.shared,
+    return {"head_dim": d, "stages": stages, "window": window, "consumers": consumers,
+            "shared_bytes": kernel.metadata.shared,
             "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg"), **ptxas_info(ptx)}
 
 
-def check(stages_list, log):
+def check(variants, log):
     """Largest errors of dK and dV against float64 on small causal and windowed shapes (odd B and H, 1 to 8 key
     blocks, windows shorter than a tile, not a multiple of it, and as long as N), next to those of dldna's shipped
     kernels on the same inputs (bf16 rounding sets that floor)."""
@@ -294,9 +316,9 @@ def check(stages_list, log):
         q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
         attention(q64, k64, v64, mask=mask, causal=True).backward(grad.double())
         row = dict(shape=[b, h, n, d], window=window)
-        fns = {f"gluon_{stages}stages": (lambda q, k, v, stages=stages: Hybrid.apply(q, k, v, window, False, True,
-                                                                                    stages))
-               for stages in stages_list}
+        fns = {f"gluon_{_label(variant)}": (lambda q, k, v, variant=variant: Hybrid.apply(q, k, v, window, False,
+                                                                                         True, variant))
+               for variant in variants}
         fns["dldna"] = lambda q, k, v: flash_attention(q, k, v, causal=True, window=window)
         for name, fn in fns.items():
             qi, ki, vi = (t.clone().requires_grad_() for t in (q, k, v))
@@ -308,21 +330,32 @@ def check(stages_list, log):
     return results
 
 
-def time_dkdv(row, window, stages_list, rounds, log, **tags):
-    """The dK/dV kernels alone, in ms (medians of ``rounds``): the Gluon one with each ``stages`` and dldna's on its
-    stored tuned config, on the ``lse2`` and ``delta`` of one shipped forward and dQ pass."""
+def _label(variant):
+    stages, consumers = variant
+    return f"{stages}stages_{consumers}consumers"
+
+
+def time_dkdv(row, window, variants, rounds, log, **tags):
+    """The dK/dV kernels alone, in ms (medians of ``rounds``): the Gluon one in each ``(stages, consumers)`` variant
+    and dldna's on its stored tuned config, on the ``lse2`` and ``delta`` of one shipped forward and dQ pass; and
+    each Gluon variant's dK and dV against dldna's (relative norm)."""
     from dldna.kernels import flash_triton
 
     q, k, v = (t.detach() for t in (row.q, row.k, row.v))
     band, scale = _band(q, window), 1.0 / math.sqrt(q.shape[-1])
     out, lse = flash_triton.attention_forward(q, k, v, band.lo, band.hi, scale)
     _, lse2, delta = flash_triton.backward_dq(q, k, v, out, lse, row.grad, band.lo, band.hi, scale)
-    fns = {f"gluon_dkdv_{stages}stages": (lambda stages=stages: fa3_dkdv(q, k, v, row.grad, lse2, delta, window,
-                                                                         stages))
-           for stages in stages_list}
+    fns = {f"gluon_dkdv_{_label(variant)}": (lambda variant=variant: fa3_dkdv(q, k, v, row.grad, lse2, delta,
+                                                                             window, *variant))
+           for variant in variants}
     fns["dldna_dkdv"] = lambda: flash_triton.backward_dkdv(q, k, v, row.grad, lse2, delta, band.lo, band.hi, scale)
-    return timed_rounds(lambda name: round(triton.testing.do_bench(fns[name], return_mode="median"), 4), list(fns),
-                        rounds, log, "dkdv_ms", **tags)
+    shipped = fns["dldna_dkdv"]()
+    diffs = {name: [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(fn(), shipped)]
+             for name, fn in fns.items() if name != "dldna_dkdv"}
+    log(json.dumps(dict(tags, dkdv_rel_diff_vs_dldna=diffs)))
+    rounds_ms, median = timed_rounds(lambda name: round(triton.testing.do_bench(fns[name], return_mode="median"), 4),
+                                     list(fns), rounds, log, "dkdv_ms", **tags)
+    return dict(dkdv_rel_diff_vs_dldna=diffs, dkdv_rounds_ms=rounds_ms, dkdv_median_ms=median)
 
 
 def main():
@@ -331,8 +364,11 @@ def main():
     parser.add_argument("--log-name", default="gluon_fa3_dkdv", help="file name of the .log and .json")
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds per row (order reversed every other)")
-    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3],
-                        help="Q/dO tiles in flight in shared memory: each is timed alone, the first also in fwd+bwd")
+    parser.add_argument("--variants", nargs="+", default=["2:2", "3:2"],
+                        help="STAGES:CONSUMERS of the Gluon kernel (Q/dO tiles in flight, 64-key warpgroups per "
+                             "program): each is checked and timed alone, the first also in forward+backward")
+    parser.add_argument("--dkdv-only", action="store_true",
+                        help="time the dK/dV kernels alone, skipping the float64 checks and forward+backward")
     parser.add_argument("--cases", nargs="+", default=["causal:128:16384", "window:128:16384", "window:128:4096",
                                                        "window:128:65536", "causal:64:4096", "window:64:16384"],
                         help="MASK:HEAD_DIM:N rows (MASK causal or window), timed at the benchmark's batch x heads")
@@ -342,7 +378,8 @@ def main():
         for d in (64, 128):
             for window in (0, 1024):
                 for stages in (2, 3):
-                    log(json.dumps(compile_only(d, stages, window)))
+                    for consumers in (2, 1):
+                        log(json.dumps(compile_only(d, stages, window, consumers)))
         return
     from benchmarks.attention import WINDOW, BenchRow, allow_flex_recompiles
     from dldna.kernels import flash_triton, report
@@ -350,32 +387,35 @@ def main():
     allow_flex_recompiles()
     record = json.load(open("results/flash_attention_bench.json"))
     command = "PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dkdv.py " + " ".join(sys.argv[1:])
+    variants = [tuple(int(x) for x in variant.split(":")) for variant in args.variants]
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "date": datetime.date.today().isoformat(), "command": command, "check": check(args.stages, log),
-              "rows": []}
+              "date": datetime.date.today().isoformat(), "command": command,
+              "check": None if args.dkdv_only else check(variants, log), "rows": []}
     for mask, d, n in parse_cases(args.cases):
         window = WINDOW if mask == "window" else None
         row = BenchRow(mask, d, n)
         flash_triton.restore_tuning()
         report.force_tuned_configs(record, mask, d, n)  # the shipped kernels with their stored tuned configs
-        for name, (gluon_forward, gluon_dkdv) in HYBRIDS.items():
-            row.fns[name] = (lambda gf=gluon_forward, gd=gluon_dkdv:
-                             Hybrid.apply(row.q, row.k, row.v, window, gf, gd, args.stages[0]))
-        names = list(HYBRIDS) + ["dldna", row.peer]
-        shipped = row.outputs("dldna")
-        diffs = {name: {label: ((a.float() - b.float()).norm() / b.float().norm()).item()
-                        for label, a, b in zip(("out", "dq", "dk", "dv"), row.outputs(name), shipped)}
-                 for name in HYBRIDS}
         tags = dict(mask=mask, d=d, n=n)
+        entry = dict(tags, window=window, peer=row.peer)
         triton.testing.do_bench(lambda: row.outputs("dldna"), warmup=200, rep=500)  # heat the GPU to its clock
-        rounds, med = timed_rounds(lambda name: round(row.time(name, "fwd+bwd"), 4), names, args.rounds, log,
-                                   "fwd_bwd_ms", **tags)
-        dkdv_rounds, dkdv_med = time_dkdv(row, window, args.stages, args.rounds, log, **tags)
-        entry = dict(tags, window=window, peer=row.peer, rel_diff_vs_dldna=diffs, fwd_bwd_rounds_ms=rounds,
-                     fwd_bwd_median_ms=med, fwd_bwd_speed_vs_peer={name: med[row.peer] / med[name] for name in names},
-                     dkdv_rounds_ms=dkdv_rounds, dkdv_median_ms=dkdv_med)
+        if not args.dkdv_only:
+            for name, (gluon_forward, gluon_dkdv) in HYBRIDS.items():
+                row.fns[name] = (lambda gf=gluon_forward, gd=gluon_dkdv:
+                                 Hybrid.apply(row.q, row.k, row.v, window, gf, gd, variants[0]))
+            names = list(HYBRIDS) + ["dldna", row.peer]
+            shipped = row.outputs("dldna")
+            entry["rel_diff_vs_dldna"] = {
+                name: {label: ((a.float() - b.float()).norm() / b.float().norm()).item()
+                       for label, a, b in zip(("out", "dq", "dk", "dv"), row.outputs(name), shipped)}
+                for name in HYBRIDS}
+            rounds, med = timed_rounds(lambda name: round(row.time(name, "fwd+bwd"), 4), names, args.rounds, log,
+                                       "fwd_bwd_ms", **tags)
+            entry.update(fwd_bwd_rounds_ms=rounds, fwd_bwd_median_ms=med,
+                         fwd_bwd_speed_vs_peer={name: med[row.peer] / med[name] for name in names})
+        entry.update(time_dkdv(row, window, variants, args.rounds, log, **tags))
         log(json.dumps({k: entry[k] for k in ("mask", "d", "n", "fwd_bwd_median_ms", "fwd_bwd_speed_vs_peer",
-                                              "dkdv_median_ms", "rel_diff_vs_dldna")}))
+                                              "dkdv_median_ms", "rel_diff_vs_dldna") if k in entry}))
         result["rows"].append(entry)
     with open(os.path.join(args.out, args.log_name + ".json"), "w") as f:
         json.dump(result, f, indent=1)
