@@ -298,6 +298,24 @@ def test_dkdv_with_early_dp_or_without(early_dp, monkeypatch):
     assert asked == [32]  # one dK/dV launch
 
 
+def test_backward_dq_writes_the_lse2_and_delta_that_backward_dkdv_reads():
+    """``backward_dq`` returns, besides dQ, the base-2 LSE (``+inf`` for rows without keys, so that P = 0 there) and
+    ``delta = rowsum(dO * O)`` that a dK/dV kernel reads (``backward_dkdv``, or the Gluon one in
+    benchmarks/experiments/gluon_fa3_dkdv.py)."""
+    _, ft = _triton_kernels()
+    n_q, n_k, d = 45, 37, 16  # causal, bottom-right aligned: the first 8 query rows have no key
+    q, k, v, grad = _inputs(2, 3, 3, n_q, n_k, d, torch.float32, seed=11)
+    band, scale = band_limits(n_q, n_k, True, None), 1.0 / math.sqrt(d)
+    out, lse = ft.attention_forward(q, k, v, band.lo, band.hi, scale)
+    do = grad.float()
+    _, lse2, delta = ft.backward_dq(q, k, v, out, lse, do, band.lo, band.hi, scale)
+    no_keys = ~_mask(n_q, n_k, True, None).any(-1)
+    assert int(no_keys.sum()) == 8 and torch.isinf(lse[..., no_keys]).all()
+    expected = torch.where(torch.isfinite(lse), lse.double() / math.log(2), math.inf)
+    torch.testing.assert_close(lse2.double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(delta.double(), (out.double() * do.double()).sum(-1), rtol=1e-5, atol=1e-5)
+
+
 def test_early_dp_only_where_it_does_not_spill():
     """``_early_dp``: every D <= 64 config, and at D = 128 the tiles of at most 16 scores per thread."""
     _, ft = _triton_kernels()
