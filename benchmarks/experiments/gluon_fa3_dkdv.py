@@ -60,7 +60,7 @@ def _query_tiles(pid_n, n_ctx, KEYS: gl.constexpr, WINDOW: gl.constexpr):
 
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, do_desc, bufs, n_ctx, WINDOW: gl.constexpr):
-    """The producer warpgroup: both halves of K and V once, then Q and dO tile by tile into the ring."""
+    """The producer warpgroup: every consumer's K and V rows once, then Q and dO tile by tile into the ring."""
     k_bufs, v_bufs, q_bufs, do_bufs, kv_ready, ready, empty = bufs
     STAGES: gl.constexpr = q_bufs.shape[0]
     CONSUMERS: gl.constexpr = k_bufs.shape[0]
