@@ -810,8 +810,9 @@ def attention_backward(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None
     Block-sparse: ``layout`` is the ``layout_spans`` of the block layout (for dQ) and ``layout_t`` those of its
     transpose (for dK/dV: the query blocks of each key block).
     """
-    dq, lse2, delta = backward_dq(q, k, v, o, lse, do, band_lo, band_hi, scale, layout, block)
-    dk, dv = backward_dkdv(q, k, v, do, lse2, delta, band_lo, band_hi, scale, layout_t, block)
+    tuning = _backward_key(q, k, v, do, band_lo, band_hi, layout is not None, block)  # once: it is on the launch path
+    dq, lse2, delta = backward_dq(q, k, v, o, lse, do, band_lo, band_hi, scale, layout, block, tuning)
+    dk, dv = backward_dkdv(q, k, v, do, lse2, delta, band_lo, band_hi, scale, layout_t, block, tuning)
     return dq, dk, dv
 
 
@@ -826,9 +827,10 @@ def _backward_key(q, k, v, do, band_lo, band_hi, sparse: bool, block) -> tuple[t
             tma_ok), tma_ok
 
 
-def backward_dq(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None, block=None):
+def backward_dq(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None, block=None, tuning=None):
     """The dQ kernel: ``(dq, lse2, delta)``, with the base-2 LSE (``+inf`` for rows without keys) and
-    ``delta = rowsum(dO * O)`` it also writes, both ``(B, H, N)`` float32, for ``backward_dkdv``."""
+    ``delta = rowsum(dO * O)`` it also writes, both ``(B, H, N)`` float32, for ``backward_dkdv``. ``tuning``: the
+    ``_backward_key`` of these inputs, if the caller has it."""
     b, h, n_q, d = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
     group = h // n_kv
@@ -853,14 +855,14 @@ def backward_dq(q, k, v, o, lse, do, band_lo, band_hi, scale, layout=None, block
             USE_TMA=cfg.tma, LAYOUT_BLOCK=block or 1, RAGGED=n_k % cfg.block_n != 0,
             WIDE_BAND=_wide_band(band_lo, band_hi, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    key, tma_ok = _backward_key(q, k, v, do, band_lo, band_hi, sparse, block)
+    key, tma_ok = tuning or _backward_key(q, k, v, do, band_lo, band_hi, sparse, block)
     configs = layout_candidate_configs("dq", block, d) if sparse else None
     launch_dq(_pick_config("dq", key, d, launch_dq, tma_ok=tma_ok, configs=configs))
     return dq, lse2, delta
 
 
-def backward_dkdv(q, k, v, do, lse2, delta, band_lo, band_hi, scale, layout_t=None, block=None):
-    """The dK/dV kernel on the ``lse2`` and ``delta`` that ``backward_dq`` wrote: ``(dk, dv)``."""
+def backward_dkdv(q, k, v, do, lse2, delta, band_lo, band_hi, scale, layout_t=None, block=None, tuning=None):
+    """The dK/dV kernel on the ``lse2`` and ``delta`` that ``backward_dq`` wrote: ``(dk, dv)``; ``tuning`` as there."""
     b, h, n_q, d = q.shape
     n_kv, n_k = k.shape[1], k.shape[2]
     group = h // n_kv
@@ -886,7 +888,7 @@ def backward_dkdv(q, k, v, do, lse2, delta, band_lo, band_hi, scale, layout_t=No
             RAGGED=n_q % cfg.block_m != 0, EARLY_DP=_early_dp(d, cfg), num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
 
-    key, tma_ok = _backward_key(q, k, v, do, band_lo, band_hi, sparse, block)
+    key, tma_ok = tuning or _backward_key(q, k, v, do, band_lo, band_hi, sparse, block)
     configs = layout_candidate_configs("dkdv", block, d) if sparse else None
     launch_dkdv(_pick_config("dkdv", key, d, launch_dkdv, tma_ok=tma_ok, configs=configs))
     return dk, dv
