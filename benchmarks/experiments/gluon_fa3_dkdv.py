@@ -38,12 +38,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 sys.path.insert(0, os.getcwd())
-from benchmarks.experiments.gluon_fa3_forward import (LOG2E, MAXNREG, ROWS, _descriptor, fa3_forward,  # noqa: E402
-                                                      line_logger, parse_cases, timed_rounds)
+from benchmarks.experiments.gluon_fa3_forward import (  # noqa: E402
+    LOG2E, MAXNREG, REGS_CONSUMER, REGS_LOADER, ROWS, GluonForwardShippedBackward, _descriptor, causal_band,
+    fa3_forward, line_logger, parse_cases, rel_diff, timed_rounds)
 
 QROWS = gl.constexpr(64)  # query rows per tile of the loop
-REGS_CONSUMER = gl.constexpr(240)
-REGS_LOADER = gl.constexpr(24)
 
 
 @gluon.jit
@@ -247,19 +246,20 @@ def _launch_regs(consumers):
 
 class Hybrid(torch.autograd.Function):
     """Causal (windowed) attention with the Gluon forward or dldna's, then dldna's dQ kernel and the Gluon dK/dV
-    (or dldna's, with ``gluon_dkdv`` False) with ``variant = (stages, consumers)``."""
+    with ``variant = (stages, consumers)``. (The Gluon forward with all of dldna's backward:
+    ``GluonForwardShippedBackward``.)"""
 
     @staticmethod
-    def forward(ctx, q, k, v, window, gluon_forward, gluon_dkdv, variant):
+    def forward(ctx, q, k, v, window, gluon_forward, variant):
         from dldna.kernels import flash_triton
 
-        band = _band(q, window)
         if gluon_forward:
             out, lse = fa3_forward(q, k, v, window=window)
         else:
+            band = causal_band(q, window)
             out, lse = flash_triton.attention_forward(q, k, v, band.lo, band.hi, 1.0 / math.sqrt(q.shape[-1]))
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.window, ctx.gluon_dkdv, ctx.variant = window, gluon_dkdv, variant
+        ctx.window, ctx.variant = window, variant
         return out
 
     @staticmethod
@@ -267,24 +267,18 @@ class Hybrid(torch.autograd.Function):
         from dldna.kernels import flash_triton
 
         q, k, v, out, lse = ctx.saved_tensors
-        band, scale, grad_out = _band(q, ctx.window), 1.0 / math.sqrt(q.shape[-1]), grad_out.contiguous()
+        band, scale, grad_out = causal_band(q, ctx.window), 1.0 / math.sqrt(q.shape[-1]), grad_out.contiguous()
         dq, lse2, delta = flash_triton.backward_dq(q, k, v, out, lse, grad_out, band.lo, band.hi, scale)
-        if ctx.gluon_dkdv:
-            dk, dv = fa3_dkdv(q, k, v, grad_out, lse2, delta, ctx.window, *ctx.variant)
-        else:
-            dk, dv = flash_triton.backward_dkdv(q, k, v, grad_out, lse2, delta, band.lo, band.hi, scale)
-        return dq, dk, dv, None, None, None, None
+        dk, dv = fa3_dkdv(q, k, v, grad_out, lse2, delta, ctx.window, *ctx.variant)
+        return dq, dk, dv, None, None, None
 
 
-def _band(q, window):
-    from dldna.kernels.tiled import band_limits
-
-    return band_limits(q.shape[2], q.shape[2], True, window)
-
-
-# name: (Gluon forward, Gluon dK/dV)
-HYBRIDS = {"dldna_fwd_gluon_dkdv": (False, True), "gluon_fwd_gluon_dkdv": (True, True),
-           "gluon_fwd_dldna_bwd": (True, False)}
+def hybrids(row, window, variant):
+    """The timed combinations of forward and backward kernels, by name, as ``BenchRow.fns`` entries."""
+    q, k, v = row.q, row.k, row.v
+    return {"dldna_fwd_gluon_dkdv": lambda: Hybrid.apply(q, k, v, window, False, variant),
+            "gluon_fwd_gluon_dkdv": lambda: Hybrid.apply(q, k, v, window, True, variant),
+            "gluon_fwd_dldna_bwd": lambda: GluonForwardShippedBackward.apply(q, k, v, window)}
 
 
 def compile_only(d, stages=2, window=0, consumers=2):
@@ -327,7 +321,7 @@ def check(variants, log):
         attention(q64, k64, v64, mask=mask, causal=True).backward(grad.double())
         row = dict(shape=[b, h, n, d], window=window)
         fns = {f"gluon_{_label(variant)}": (lambda q, k, v, variant=variant: Hybrid.apply(q, k, v, window, False,
-                                                                                         True, variant))
+                                                                                         variant))
                for variant in variants}
         fns["dldna"] = lambda q, k, v: flash_attention(q, k, v, causal=True, window=window)
         for name, fn in fns.items():
@@ -352,7 +346,7 @@ def time_dkdv(row, window, variants, rounds, log, **tags):
     from dldna.kernels import flash_triton
 
     q, k, v = (t.detach() for t in (row.q, row.k, row.v))
-    band, scale = _band(q, window), 1.0 / math.sqrt(q.shape[-1])
+    band, scale = causal_band(q, window), 1.0 / math.sqrt(q.shape[-1])
     out, lse = flash_triton.attention_forward(q, k, v, band.lo, band.hi, scale)
     _, lse2, delta = flash_triton.backward_dq(q, k, v, out, lse, row.grad, band.lo, band.hi, scale)
     fns = {f"gluon_dkdv_{_label(variant)}": (lambda variant=variant: fa3_dkdv(q, k, v, row.grad, lse2, delta,
@@ -360,8 +354,7 @@ def time_dkdv(row, window, variants, rounds, log, **tags):
            for variant in variants}
     fns["dldna_dkdv"] = lambda: flash_triton.backward_dkdv(q, k, v, row.grad, lse2, delta, band.lo, band.hi, scale)
     shipped = fns["dldna_dkdv"]()
-    diffs = {name: [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(fn(), shipped)]
-             for name, fn in fns.items() if name != "dldna_dkdv"}
+    diffs = {name: [rel_diff(a, b) for a, b in zip(fn(), shipped)] for name, fn in fns.items() if name != "dldna_dkdv"}
     log(json.dumps(dict(tags, dkdv_rel_diff_vs_dldna=diffs)))
     rounds_ms, median = timed_rounds(lambda name: round(triton.testing.do_bench(fns[name], return_mode="median"), 4),
                                      list(fns), rounds, log, "dkdv_ms", **tags)
@@ -411,15 +404,14 @@ def main():
         entry = dict(tags, window=window, peer=row.peer)
         triton.testing.do_bench(lambda: row.outputs("dldna"), warmup=200, rep=500)  # heat the GPU to its clock
         if not args.dkdv_only:
-            for name, (gluon_forward, gluon_dkdv) in HYBRIDS.items():
-                row.fns[name] = (lambda gf=gluon_forward, gd=gluon_dkdv:
-                                 Hybrid.apply(row.q, row.k, row.v, window, gf, gd, variants[0]))
-            names = list(HYBRIDS) + ["dldna", row.peer]
+            combos = hybrids(row, window, variants[0])
+            row.fns.update(combos)
+            names = list(combos) + ["dldna", row.peer]
             shipped = row.outputs("dldna")
             entry["rel_diff_vs_dldna"] = {
-                name: {label: ((a.float() - b.float()).norm() / b.float().norm()).item()
-                       for label, a, b in zip(("out", "dq", "dk", "dv"), row.outputs(name), shipped)}
-                for name in HYBRIDS}
+                name: {label: rel_diff(a, b) for label, a, b in zip(("out", "dq", "dk", "dv"), row.outputs(name),
+                                                                   shipped)}
+                for name in combos}
             rounds, med = timed_rounds(lambda name: round(row.time(name, "fwd+bwd"), 4), names, args.rounds, log,
                                        "fwd_bwd_ms", **tags)
             entry.update(fwd_bwd_rounds_ms=rounds, fwd_bwd_median_ms=med,

@@ -257,6 +257,18 @@ def fa3_forward(q, k, v, overlap=True, stages=2, window=None):
     return out.view(b, h, n, d), lse
 
 
+def causal_band(q, window):
+    """dldna's band of causal attention (``window``: sliding) for ``q`` of ``(B, H, N, D)`` and keys as long."""
+    from dldna.kernels.tiled import band_limits
+
+    return band_limits(q.shape[2], q.shape[2], True, window)
+
+
+def rel_diff(a, ref):
+    """``|a - ref| / |ref|`` (Frobenius norms, in float32)."""
+    return ((a.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
 class GluonForwardShippedBackward(torch.autograd.Function):
     """Causal (windowed) attention with this script's forward and ``dldna``'s backward kernels, which read the same
     ``(out, lse)``: what forward+backward would take with the Gluon forward shipped."""
@@ -271,10 +283,9 @@ class GluonForwardShippedBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         from dldna.kernels import flash_triton
-        from dldna.kernels.tiled import band_limits
 
         q, k, v, out, lse = ctx.saved_tensors
-        band = band_limits(q.shape[2], k.shape[2], True, ctx.window)
+        band = causal_band(q, ctx.window)
         grads = flash_triton.attention_backward(q, k, v, out, lse, grad_out.contiguous(), band.lo, band.hi,
                                                 1.0 / math.sqrt(q.shape[-1]))
         return *grads, None
@@ -366,8 +377,8 @@ def time_fwd_bwd(row, mask, window, rounds, log):
     peer; and how far the hybrid's output and gradients are from dldna's."""
     row.fns["gluon_fwd_dldna_bwd"] = lambda: GluonForwardShippedBackward.apply(row.q, row.k, row.v, window)
     mine, shipped = row.outputs("gluon_fwd_dldna_bwd"), row.outputs("dldna")
-    entry = {"hybrid_rel_diff_vs_dldna": {name: ((a.float() - b.float()).norm() / b.float().norm()).item()
-                                          for name, a, b in zip(("out", "dq", "dk", "dv"), mine, shipped)}}
+    entry = {"hybrid_rel_diff_vs_dldna": {name: rel_diff(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"),
+                                                                                     mine, shipped)}}
     names = ["gluon_fwd_dldna_bwd", "dldna", row.peer]
     tags = dict(mask=mask, d=row.q.shape[-1], n=row.q.shape[2])
     entry["fwd_bwd_rounds_ms"], med = timed_rounds(lambda name: round(row.time(name, "fwd+bwd"), 4), names, rounds,
@@ -419,7 +430,7 @@ def main():
         q, k, v = row.q.detach(), row.k.detach(), row.v.detach()
         with torch.no_grad():
             ref = row.fns[row.peer]().float()
-            errs = {name: ((fa3_forward(q, k, v, *variant, window)[0].float() - ref).norm() / ref.norm()).item()
+            errs = {name: rel_diff(fa3_forward(q, k, v, *variant, window)[0], ref)
                     for name, variant in variants.items()}
         flops = 4.0 * d * b * h * allowed_pairs(n, mask)
         fns = {name: (lambda variant=variant: fa3_forward(q, k, v, *variant, window))
