@@ -245,12 +245,13 @@ def _launch_regs(consumers):
 
 
 class Hybrid(torch.autograd.Function):
-    """Causal (windowed) attention with the Gluon forward or dldna's, then dldna's dQ kernel and the Gluon dK/dV
-    with ``variant = (stages, consumers)``. (The Gluon forward with all of dldna's backward:
+    """Causal (windowed) attention with the Gluon forward or dldna's, then a dQ kernel and the Gluon dK/dV with
+    ``variant = (stages, consumers)``. ``dq_kernel(q, k, v, out, lse, grad_out, window)`` returns ``(dq, lse2,
+    delta)``; None: dldna's (``flash_triton.backward_dq``). (The Gluon forward with all of dldna's backward:
     ``GluonForwardShippedBackward``.)"""
 
     @staticmethod
-    def forward(ctx, q, k, v, window, gluon_forward, variant):
+    def forward(ctx, q, k, v, window, gluon_forward, variant, dq_kernel=None):
         from dldna.kernels import flash_triton
 
         if gluon_forward:
@@ -259,7 +260,7 @@ class Hybrid(torch.autograd.Function):
             band = causal_band(q, window)
             out, lse = flash_triton.attention_forward(q, k, v, band.lo, band.hi, 1.0 / math.sqrt(q.shape[-1]))
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.window, ctx.variant = window, variant
+        ctx.window, ctx.variant, ctx.dq_kernel = window, variant, dq_kernel
         return out
 
     @staticmethod
@@ -267,10 +268,14 @@ class Hybrid(torch.autograd.Function):
         from dldna.kernels import flash_triton
 
         q, k, v, out, lse = ctx.saved_tensors
-        band, scale, grad_out = causal_band(q, ctx.window), 1.0 / math.sqrt(q.shape[-1]), grad_out.contiguous()
-        dq, lse2, delta = flash_triton.backward_dq(q, k, v, out, lse, grad_out, band.lo, band.hi, scale)
+        grad_out = grad_out.contiguous()
+        if ctx.dq_kernel is None:
+            band, scale = causal_band(q, ctx.window), 1.0 / math.sqrt(q.shape[-1])
+            dq, lse2, delta = flash_triton.backward_dq(q, k, v, out, lse, grad_out, band.lo, band.hi, scale)
+        else:
+            dq, lse2, delta = ctx.dq_kernel(q, k, v, out, lse, grad_out, ctx.window)
         dk, dv = fa3_dkdv(q, k, v, grad_out, lse2, delta, ctx.window, *ctx.variant)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def hybrids(row, window, variant):

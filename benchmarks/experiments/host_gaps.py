@@ -89,6 +89,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--gluon", action="store_true",
+                        help="also the Gluon kernels of gluon_fa3_*.py (Hopper only; causal and window rows)")
     args = parser.parse_args()
     record = json.load(open("results/flash_attention_bench.json"))
     flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
@@ -97,7 +99,14 @@ def main():
         force_winners(flash_triton, record, mask, d, n)
         row = BenchRow(mask, d, n)
         inputs = (row.q, row.k, row.v)
-        for impl in ("dldna", row.peer):
+        impls = ["dldna", row.peer]
+        if args.gluon:
+            from benchmarks.attention import WINDOW
+            from benchmarks.experiments.gluon_fa3_dq import gluon_backward_combos
+
+            row.fns.update(gluon_backward_combos(row, WINDOW if mask == "window" else None, (64, 2), (2, 2)))
+            impls += ["gluon_fwd_gluon_bwd", "gluon_fwd_gluon_dkdv"]
+        for impl in impls:
             for pass_name in args.passes:
                 step = pass_call(row.fns[impl], pass_name, row.grad)
                 result = {"mask": mask, "d": d, "n": n, "impl": impl, "pass": pass_name,
