@@ -18,7 +18,8 @@ Gluon kernels do not run under ``TRITON_INTERPRET=1``, so this cannot ship to th
 ``gluon_fa3_forward.py``). Limits: bf16, causal (optionally windowed), ``N % 128 == 0``, D in {64, 128}, no GQA.
 
     PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dq.py --out benchmarks/experiments/logs
-        [--rounds 3] [--variants 64:2 128:2] [--cases window:128:16384 ...] [--dq-only] [--log-name NAME]
+        [--rounds 3] [--variants 64:2 128:2] [--cases window:128:16384 ...] [--dq-only | --no-check] [--log-name NAME]
+    PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dq.py --host-time   # launch cost of each entry point
     PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dq.py --compile-only   # sm_90a registers, no GPU
 """
 import argparse
