@@ -535,6 +535,42 @@ def test_ncu_table_lists_kernels_with_their_top_stalls():
     assert "cuDNN fprop" in lines[2]
 
 
+def test_gluon_table_divides_the_peer_time_by_each_implementation_time():
+    from dldna.kernels.report import gluon_table
+
+    def times(eager, graph):
+        return {"eager_ms": eager, "graph_ms": graph}
+
+    record = {"data": {
+        "fwd_bwd": [{"mask": "window", "head_dim": 128, "n": 4096, "peer": "flex",
+                     "impls": {"dldna": times(1.25, 1.3), "gluon_fwd_gluon_bwd": times(1.0, 1.04),
+                               "flex": times(1.5, 1.56)}}],
+        "kernels": [{"mask": "window", "head_dim": 128, "n": 4096, "fwd_tflops": {"gluon": 423, "dldna": 377,
+                                                                                   "flex": 292},
+                     "dq_ms": {"gluon": 0.349, "dldna": 0.428}, "dkdv_ms": {"gluon": 0.472, "dldna": 0.534}}],
+        "sources": [{"log": "a.json", "date": "2026-12-04", "command": "python x.py --rows window:128:4096"}]}}
+    lines = gluon_table(record).splitlines()
+    assert lines[1].split() == ["window", "128", "4096", "1.250", "ms", "1.20x", "1.000", "ms", "1.50x", "(1.50x)",
+                                "FlexAttention", "1.500", "ms"]
+    assert "423 / 377 (Flex 292)" in lines[5] and lines[5].split()[-6:] == ["0.349", "/", "0.428", "0.472", "/",
+                                                                              "0.534"]
+    assert lines[-1] == "  2026-12-04  python x.py --rows window:128:4096"
+
+
+def test_the_stored_gluon_record_has_every_row_and_its_runs():
+    """``results/flash_gluon.json`` (``benchmarks/experiments/gluon_summary.py``) holds the rows chapter 5 prints, each
+    implementation timed eagerly and as a graph, and the command of every run it was gathered from."""
+    from dldna.results import load_result
+
+    record = load_result("flash_gluon")
+    rows = {(r["mask"], r["head_dim"], r["n"]): r for r in record["data"]["fwd_bwd"]}
+    assert set(rows) == {("causal", 128, 16384), ("window", 128, 16384), ("window", 128, 4096)}
+    for row in rows.values():
+        assert {"dldna", "gluon_fwd_gluon_bwd", row["peer"]} <= set(row["impls"])
+        assert all(t["eager_ms"] > 0 and t["graph_ms"] > 0 for t in row["impls"].values())
+    assert len(record["data"]["sources"]) == 5 and all("gluon" in s["command"] for s in record["data"]["sources"])
+
+
 def test_tuned_configs_parse_the_stored_winners():
     """The stored run's picks come back as KernelConfig fields; a repr of another form is an error, not a default."""
     from dldna.kernels.report import tuned_configs

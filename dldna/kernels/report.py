@@ -215,3 +215,31 @@ def ncu_table(record: dict, top_stalls: int = 3) -> str:
             lines.append(f"{case:24} {_kernel_label(kernel['kernel']):22}{cells}  "
                          + ", ".join(f"{name} {v:.1f}" for v, name in stalls))
     return "\n".join(lines)
+
+
+GLUON = "gluon_fwd_gluon_bwd"  # the Gluon forward, dQ and dK/dV kernels of benchmarks/experiments
+
+
+def gluon_table(record: dict) -> str:
+    """The Gluon experiments' record (``benchmarks/experiments/gluon_summary.py``): forward+backward in ms and as
+    speed against the row's peer (eager medians, the CUDA-graph replay's speed in brackets) for dldna and the
+    all-Gluon pass, then each kernel alone: forward TFLOP/s, dQ and dK/dV ms, Gluon against dldna."""
+    lines = [f"{'mask':6} {'D':>4} {'N':>6}  {'dldna':>16} {'Gluon':>16} {'(graph)':>8}  peer"]
+    for row in record["data"]["fwd_bwd"]:
+        impls, peer = row["impls"], row["peer"]
+        peer_ms = impls[peer]["eager_ms"]
+        cells = [f"{impls[i]['eager_ms']:6.3f} ms {peer_ms / impls[i]['eager_ms']:4.2f}x" for i in ("dldna", GLUON)]
+        graph = impls[peer]["graph_ms"] / impls[GLUON]["graph_ms"]
+        lines.append(f"{row['mask']:6} {row['head_dim']:>4} {row['n']:>6}  {cells[0]:>16} {cells[1]:>16} "
+                     f"{f'({graph:.2f}x)':>8}  {LABELS[peer]} {peer_ms:.3f} ms")
+    lines += ["", "each kernel alone, Gluon / dldna (peer):",
+              f"{'mask':6} {'D':>4} {'N':>6}  {'forward TFLOP/s':>22} {'dQ ms':>15} {'dK/dV ms':>15}"]
+    short = {"sdpa_cudnn": "cuDNN", "flex": "Flex"}
+    for row in record["data"]["kernels"]:
+        fwd, dq, dkdv = row["fwd_tflops"], row["dq_ms"], row["dkdv_ms"]
+        peer = next(k for k in fwd if k not in ("gluon", "dldna"))
+        forward = f"{fwd['gluon']:.0f} / {fwd['dldna']:.0f} ({short[peer]} {fwd[peer]:.0f})"
+        lines.append(f"{row['mask']:6} {row['head_dim']:>4} {row['n']:>6}  {forward:>22} "
+                     f"{dq['gluon']:>6.3f} / {dq['dldna']:.3f} {dkdv['gluon']:>6.3f} / {dkdv['dldna']:.3f}")
+    lines += ["", "measured by:"] + [f"  {src['date']}  {src['command']}" for src in record["data"]["sources"]]
+    return "\n".join(lines)
