@@ -535,6 +535,55 @@ def test_ncu_table_lists_kernels_with_their_top_stalls():
     assert "cuDNN fprop" in lines[2]
 
 
+def test_gluon_experiments_compile_for_hopper_without_a_gpu():
+    """The three Gluon kernels of ``benchmarks/experiments`` (not shipped: Gluon has no CPU interpreter) still compile
+    for sm_90a with this Triton, at D = 128 under the window: warpgroup MMA, the loader's registers handed over
+    (``setmaxnreg``), shared memory within the SM's 227 KB, and no spills but the dK/dV kernel's few (4 to 80 bytes
+    with Triton 3.6)."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.experimental.gluon")
+    code = (
+        "import json\n"
+        "from benchmarks.experiments import gluon_fa3_dkdv, gluon_fa3_dq, gluon_fa3_forward\n"
+        "rows = [gluon_fa3_forward.compile_only(128, True, 2, 1024)[0], gluon_fa3_dq.compile_only(128, 64, 2, 1024),\n"
+        "        gluon_fa3_dkdv.compile_only(128, 2, 1024, 2)]\n"
+        "print(json.dumps(rows))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    forward, dq, dkdv = json.loads(result.stdout.strip().splitlines()[-1])
+    for row in (forward, dq, dkdv):
+        assert row["wgmma"] > 0 and row["setmaxnreg"] > 0 and row["shared_bytes"] <= 227 * 1024, row
+    assert forward["spill_store_bytes"] == 0 and dq["spill_store_bytes"] == 0, (forward, dq)
+    assert dkdv["spill_store_bytes"] <= 128, dkdv
+
+
+def test_gluon_tile_orders_cover_every_allowed_pair_once(monkeypatch):
+    """The Python copies of the Gluon dK/dV and dQ kernels' tile arithmetic (``gluon_tile_order.py``) on small N:
+    each tile once, masked where a pair is masked, every allowed pair covered; and a shifted diagonal is caught."""
+    from benchmarks.experiments import gluon_tile_order as order
+
+    for n in (128, 384):
+        for window in (0, 1, 63, 64, 65, 129, 300):
+            for consumers in (1, 2):
+                assert order.problems(n, consumers, window) == [], (n, consumers, window)
+            for keys in (64, 128):
+                assert order.dq_problems(n, keys, window) == [], (n, keys, window)
+    real = order.key_tiles
+
+    def one_full_tile_too_many(pid, keys, window):
+        lo, hi, full_lo, full_hi = real(pid, keys, window)
+        return lo, hi, full_lo, full_hi + 1
+
+    monkeypatch.setattr(order, "key_tiles", one_full_tile_too_many)
+    assert order.dq_problems(384, 64, 0)  # a diagonal tile taken as full
+
+
 def test_gluon_table_divides_the_peer_time_by_each_implementation_time():
     from dldna.kernels.report import gluon_table
 
