@@ -23,8 +23,6 @@ Gluon kernels do not run under ``TRITON_INTERPRET=1``, so this cannot ship to th
         [--rounds 3] [--variants 2:2 3:2 2:1] [--dkdv-only] [--cases causal:128:16384 ...] [--log-name NAME]
     PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dkdv.py --compile-only   # sm_90a registers, no GPU
 """
-import argparse
-import datetime
 import json
 import math
 import os
@@ -40,7 +38,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 sys.path.insert(0, os.getcwd())
 from benchmarks.experiments.gluon_fa3_forward import (  # noqa: E402
     LOG2E, MAXNREG, REGS_CONSUMER, REGS_LOADER, ROWS, GluonForwardShippedBackward, _descriptor, causal_band,
-    fa3_forward, line_logger, parse_cases, rel_diff, timed_rounds)
+    experiment_parser, fa3_forward, line_logger, parse_cases, rel_diff, run_header, time_combos, timed_rounds,
+    write_json)
 
 QROWS = gl.constexpr(64)  # query rows per tile of the loop
 
@@ -308,32 +307,44 @@ def compile_only(d, stages=2, window=0, consumers=2):
             "wgmma": ptx.count("wgmma.mma_async"), "setmaxnreg": ptx.count("setmaxnreg"), **ptxas_info(ptx)}
 
 
-def check(variants, log):
-    """Largest errors of dK and dV against float64 on small causal and windowed shapes (odd B and H, 1 to 8 key
-    blocks, windows shorter than a tile, not a multiple of it, and as long as N), next to those of dldna's shipped
-    kernels on the same inputs (bf16 rounding sets that floor)."""
+# (B, H, N, D, window): odd B and H, 1 to 8 key blocks, windows shorter than a tile, not a multiple of it, and as
+# long as N; the float64 checks of both Gluon backward kernels
+CHECK_SHAPES = ((1, 3, 128, 64, None), (2, 1, 384, 128, None), (1, 2, 1024, 64, None), (3, 1, 640, 128, None),
+                (1, 3, 640, 64, 100), (2, 1, 768, 128, 300), (1, 2, 1024, 64, 1024), (1, 1, 512, 128, 129),
+                (1, 2, 1024, 128, 64))
+
+
+def max_grad_errors(fns, q, k, v, grad, window):
+    """``{f"{name}_{dk|dv|dq}_max_err"}``: the largest error of each gradient of every ``fns[name](q, k, v)``
+    (causal, ``window``) against float64 attention's, for the output gradient ``grad``."""
     from dldna.attention import attention, sliding_window_mask
+
+    mask = sliding_window_mask(q.shape[2], window).to(q.device) if window else None
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    attention(q64, k64, v64, mask=mask, causal=True).backward(grad.double())
+    errors = {}
+    for name, fn in fns.items():
+        qi, ki, vi = (t.clone().requires_grad_() for t in (q, k, v))
+        fn(qi, ki, vi).backward(grad)
+        for label, got, ref in (("dk", ki.grad, k64.grad), ("dv", vi.grad, v64.grad), ("dq", qi.grad, q64.grad)):
+            errors[f"{name}_{label}_max_err"] = (got.double() - ref).abs().max().item()
+    return errors
+
+
+def check(variants, log):
+    """Largest errors of dK and dV against float64 on ``CHECK_SHAPES``, next to those of dldna's shipped kernels on
+    the same inputs (bf16 rounding sets that floor)."""
     from dldna.kernels import flash_attention
 
     torch.manual_seed(0)
     results = []
-    for b, h, n, d, window in ((1, 3, 128, 64, None), (2, 1, 384, 128, None), (1, 2, 1024, 64, None),
-                               (3, 1, 640, 128, None), (1, 3, 640, 64, 100), (2, 1, 768, 128, 300),
-                               (1, 2, 1024, 64, 1024), (1, 1, 512, 128, 129), (1, 2, 1024, 128, 64)):
+    for b, h, n, d, window in CHECK_SHAPES:
         q, k, v, grad = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-        mask = sliding_window_mask(n, window).to("cuda") if window else None
-        q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-        attention(q64, k64, v64, mask=mask, causal=True).backward(grad.double())
-        row = dict(shape=[b, h, n, d], window=window)
         fns = {f"gluon_{_label(variant)}": (lambda q, k, v, variant=variant: Hybrid.apply(q, k, v, window, False,
                                                                                          variant))
                for variant in variants}
         fns["dldna"] = lambda q, k, v: flash_attention(q, k, v, causal=True, window=window)
-        for name, fn in fns.items():
-            qi, ki, vi = (t.clone().requires_grad_() for t in (q, k, v))
-            fn(qi, ki, vi).backward(grad)
-            for label, got, ref in (("dk", ki.grad, k64.grad), ("dv", vi.grad, v64.grad), ("dq", qi.grad, q64.grad)):
-                row[f"{name}_{label}_max_err"] = (got.double() - ref).abs().max().item()
+        row = dict(shape=[b, h, n, d], window=window, **max_grad_errors(fns, q, k, v, grad, window))
         results.append(row)
         log(json.dumps(row))
     return results
@@ -366,21 +377,43 @@ def time_dkdv(row, window, variants, rounds, log, **tags):
     return dict(dkdv_rel_diff_vs_dldna=diffs, dkdv_rounds_ms=rounds_ms, dkdv_median_ms=median)
 
 
+def time_rows(cases, rounds, log, combos_for, time_alone, alone_key, fwd_bwd=True):
+    """Every ``MASK:HEAD_DIM:N`` case on the shipped kernels' stored tuned configs: forward+backward of the
+    combinations ``combos_for(row, window)`` (``time_combos``; skipped when not ``fwd_bwd``), then
+    ``time_alone(row, window, **tags)``, the kernel under test alone; each row's summary logged with its
+    ``alone_key`` medians. The rows, for the run's .json."""
+    from benchmarks.attention import WINDOW, BenchRow, allow_flex_recompiles
+    from dldna.kernels import flash_triton, report
+
+    allow_flex_recompiles()
+    record = json.load(open("results/flash_attention_bench.json"))
+    rows = []
+    for mask, d, n in parse_cases(cases):
+        window = WINDOW if mask == "window" else None
+        row = BenchRow(mask, d, n)
+        flash_triton.restore_tuning()
+        report.force_tuned_configs(record, mask, d, n)  # the shipped kernels with their stored tuned configs
+        tags = dict(mask=mask, d=d, n=n)
+        entry = dict(tags, window=window, peer=row.peer)
+        triton.testing.do_bench(lambda: row.outputs("dldna"), warmup=200, rep=500)  # heat the GPU to its clock
+        if fwd_bwd:
+            entry.update(time_combos(row, combos_for(row, window), rounds, log, **tags))
+        entry.update(time_alone(row, window, **tags))
+        log(json.dumps({k: entry[k] for k in ("mask", "d", "n", "fwd_bwd_median_ms", "fwd_bwd_speed_vs_peer",
+                                              alone_key, "rel_diff_vs_dldna") if k in entry}))
+        rows.append(entry)
+    return rows
+
+
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="benchmarks/experiments/logs")
-    parser.add_argument("--log-name", default="gluon_fa3_dkdv", help="file name of the .log and .json")
-    parser.add_argument("--compile-only", action="store_true")
-    parser.add_argument("--rounds", type=int, default=3, help="timing rounds per row (order reversed every other)")
+    parser = experiment_parser("gluon_fa3_dkdv", 3, ["causal:128:16384", "window:128:16384", "window:128:4096",
+                                                     "window:128:65536", "causal:64:4096", "window:64:16384"])
     parser.add_argument("--variants", nargs="+", default=["2:2", "3:2"],
                         help="STAGES:CONSUMERS of the Gluon kernel (Q/dO tiles in flight, 64-key warpgroups per "
                              "program): each is checked and timed alone, the first also in forward+backward")
     parser.add_argument("--dkdv-only", action="store_true",
                         help="time the dK/dV kernels alone, skipping the float64 checks and forward+backward")
     parser.add_argument("--no-check", action="store_true", help="skip the float64 checks")
-    parser.add_argument("--cases", nargs="+", default=["causal:128:16384", "window:128:16384", "window:128:4096",
-                                                       "window:128:65536", "causal:64:4096", "window:64:16384"],
-                        help="MASK:HEAD_DIM:N rows (MASK causal or window), timed at the benchmark's batch x heads")
     args = parser.parse_args()
     log = line_logger(args.out, args.log_name)
     if args.compile_only:
@@ -390,43 +423,13 @@ def main():
                     for consumers in (2, 1):
                         log(json.dumps(compile_only(d, stages, window, consumers)))
         return
-    from benchmarks.attention import WINDOW, BenchRow, allow_flex_recompiles
-    from dldna.kernels import flash_triton, report
-
-    allow_flex_recompiles()
-    record = json.load(open("results/flash_attention_bench.json"))
-    command = "PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dkdv.py " + " ".join(sys.argv[1:])
     variants = [tuple(int(x) for x in variant.split(":")) for variant in args.variants]
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "date": datetime.date.today().isoformat(), "command": command,
-              "check": None if args.dkdv_only or args.no_check else check(variants, log), "rows": []}
-    for mask, d, n in parse_cases(args.cases):
-        window = WINDOW if mask == "window" else None
-        row = BenchRow(mask, d, n)
-        flash_triton.restore_tuning()
-        report.force_tuned_configs(record, mask, d, n)  # the shipped kernels with their stored tuned configs
-        tags = dict(mask=mask, d=d, n=n)
-        entry = dict(tags, window=window, peer=row.peer)
-        triton.testing.do_bench(lambda: row.outputs("dldna"), warmup=200, rep=500)  # heat the GPU to its clock
-        if not args.dkdv_only:
-            combos = hybrids(row, window, variants[0])
-            row.fns.update(combos)
-            names = list(combos) + ["dldna", row.peer]
-            shipped = row.outputs("dldna")
-            entry["rel_diff_vs_dldna"] = {
-                name: {label: rel_diff(a, b) for label, a, b in zip(("out", "dq", "dk", "dv"), row.outputs(name),
-                                                                   shipped)}
-                for name in combos}
-            rounds, med = timed_rounds(lambda name: round(row.time(name, "fwd+bwd"), 4), names, args.rounds, log,
-                                       "fwd_bwd_ms", **tags)
-            entry.update(fwd_bwd_rounds_ms=rounds, fwd_bwd_median_ms=med,
-                         fwd_bwd_speed_vs_peer={name: med[row.peer] / med[name] for name in names})
-        entry.update(time_dkdv(row, window, variants, args.rounds, log, **tags))
-        log(json.dumps({k: entry[k] for k in ("mask", "d", "n", "fwd_bwd_median_ms", "fwd_bwd_speed_vs_peer",
-                                              "dkdv_median_ms", "rel_diff_vs_dldna") if k in entry}))
-        result["rows"].append(entry)
-    with open(os.path.join(args.out, args.log_name + ".json"), "w") as f:
-        json.dump(result, f, indent=1)
+    result = dict(run_header("gluon_fa3_dkdv.py"),
+                  check=None if args.dkdv_only or args.no_check else check(variants, log))
+    result["rows"] = time_rows(args.cases, args.rounds, log, lambda row, window: hybrids(row, window, variants[0]),
+                               lambda row, window, **tags: time_dkdv(row, window, variants, args.rounds, log, **tags),
+                               "dkdv_median_ms", fwd_bwd=not args.dkdv_only)
+    write_json(args.out, args.log_name, result)
 
 
 if __name__ == "__main__":

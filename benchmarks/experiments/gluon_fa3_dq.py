@@ -22,8 +22,6 @@ Gluon kernels do not run under ``TRITON_INTERPRET=1``, so this cannot ship to th
     PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dq.py --host-time   # launch cost of each entry point
     PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dq.py --compile-only   # sm_90a registers, no GPU
 """
-import argparse
-import datetime
 import json
 import math
 import os
@@ -37,10 +35,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 sys.path.insert(0, os.getcwd())
-from benchmarks.experiments.gluon_fa3_dkdv import Hybrid  # noqa: E402
+from benchmarks.experiments.gluon_fa3_dkdv import (  # noqa: E402
+    CHECK_SHAPES, Hybrid, max_grad_errors, time_rows)
 from benchmarks.experiments.gluon_fa3_forward import (  # noqa: E402
-    BLOCK_M, LOG2E, MAXNREG, REGS_CONSUMER, REGS_LOADER, ROWS, _descriptor, _query_block, causal_band, line_logger,
-    parse_cases, rel_diff, timed_rounds)
+    BLOCK_M, LOG2E, MAXNREG, REGS_CONSUMER, REGS_LOADER, ROWS, _descriptor, _query_block, causal_band,
+    experiment_parser, line_logger, parse_cases, rel_diff, run_header, timed_rounds, write_json)
 
 
 @gluon.jit
@@ -269,31 +268,20 @@ def _dq_kernel(variant):
 
 
 def check(variants, dkdv_variant, log):
-    """Largest errors of dQ (and of dK, dV behind it) against float64 on the shapes of ``gluon_fa3_dkdv.check``
-    (odd B and H, windows shorter than a tile, not a multiple of it, and as long as N), for the Gluon forward, this
-    dQ kernel and the Gluon dK/dV, next to those of dldna's shipped kernels on the same inputs; and how far this
-    kernel's ``lse2`` and ``delta`` are from those of dldna's dQ kernel on the shipped forward (relative norm)."""
-    from dldna.attention import attention, sliding_window_mask
+    """Largest errors of dQ (and of dK, dV behind it) against float64 on ``gluon_fa3_dkdv.CHECK_SHAPES``, for the
+    Gluon forward, this dQ kernel and the Gluon dK/dV, next to those of dldna's shipped kernels on the same inputs;
+    and how far this kernel's ``lse2`` and ``delta`` are from those of dldna's dQ kernel on the shipped forward
+    (relative norm)."""
     from dldna.kernels import flash_attention, flash_triton
 
     torch.manual_seed(0)
     results = []
-    for b, h, n, d, window in ((1, 3, 128, 64, None), (2, 1, 384, 128, None), (1, 2, 1024, 64, None),
-                               (3, 1, 640, 128, None), (1, 3, 640, 64, 100), (2, 1, 768, 128, 300),
-                               (1, 2, 1024, 64, 1024), (1, 1, 512, 128, 129), (1, 2, 1024, 128, 64)):
+    for b, h, n, d, window in CHECK_SHAPES:
         q, k, v, grad = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-        mask = sliding_window_mask(n, window).to("cuda") if window else None
-        q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-        attention(q64, k64, v64, mask=mask, causal=True).backward(grad.double())
-        row = dict(shape=[b, h, n, d], window=window)
         fns = {f"gluon_{_label(variant)}": (lambda q, k, v, variant=variant: Hybrid.apply(
             q, k, v, window, True, dkdv_variant, _dq_kernel(variant))) for variant in variants}
         fns["dldna"] = lambda q, k, v: flash_attention(q, k, v, causal=True, window=window)
-        for name, fn in fns.items():
-            qi, ki, vi = (t.clone().requires_grad_() for t in (q, k, v))
-            fn(qi, ki, vi).backward(grad)
-            for label, got, ref in (("dq", qi.grad, q64.grad), ("dk", ki.grad, k64.grad), ("dv", vi.grad, v64.grad)):
-                row[f"{name}_{label}_max_err"] = (got.double() - ref).abs().max().item()
+        row = dict(shape=[b, h, n, d], window=window, **max_grad_errors(fns, q, k, v, grad, window))
         band, scale = causal_band(q, window), 1.0 / math.sqrt(d)
         out, lse = flash_triton.attention_forward(q, k, v, band.lo, band.hi, scale)
         _, lse2, delta = flash_triton.backward_dq(q, k, v, out, lse, grad, band.lo, band.hi, scale)
@@ -386,11 +374,8 @@ def time_host(cases, variant, dkdv_variant, log):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="benchmarks/experiments/logs")
-    parser.add_argument("--log-name", default="gluon_fa3_dq", help="file name of the .log and .json")
-    parser.add_argument("--compile-only", action="store_true")
-    parser.add_argument("--rounds", type=int, default=3, help="timing rounds per row (order reversed every other)")
+    parser = experiment_parser("gluon_fa3_dq", 3, ["window:128:16384", "window:128:4096", "window:128:65536",
+                                                   "causal:128:16384", "window:64:16384"])
     parser.add_argument("--variants", nargs="+", default=["64:2", "128:2"],
                         help="KEYS:STAGES of this kernel (keys per tile, K/V tiles in flight): each is checked and "
                              "timed alone, the first also in forward+backward")
@@ -399,9 +384,6 @@ def main():
     parser.add_argument("--no-check", action="store_true", help="skip the float64 checks")
     parser.add_argument("--host-time", action="store_true",
                         help="only the host time per call of every kernel's Python entry point")
-    parser.add_argument("--cases", nargs="+", default=["window:128:16384", "window:128:4096", "window:128:65536",
-                                                       "causal:128:16384", "window:64:16384"],
-                        help="MASK:HEAD_DIM:N rows (MASK causal or window), timed at the benchmark's batch x heads")
     args = parser.parse_args()
     log = line_logger(args.out, args.log_name)
     if args.compile_only:
@@ -411,51 +393,20 @@ def main():
                     for stages in (2, 3):
                         log(json.dumps(compile_only(d, keys, stages, window)))
         return
-    from benchmarks.attention import WINDOW, BenchRow, allow_flex_recompiles
-    from dldna.kernels import flash_triton, report
-
-    allow_flex_recompiles()
-    record = json.load(open("results/flash_attention_bench.json"))
-    command = "PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dq.py " + " ".join(sys.argv[1:])
     variants = [tuple(int(x) for x in variant.split(":")) for variant in args.variants]
     dkdv_variant = tuple(int(x) for x in args.dkdv_variant.split(":"))
     if args.host_time:
-        result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                  "date": datetime.date.today().isoformat(), "command": command,
-                  "rows": time_host(parse_cases(args.cases), variants[0], dkdv_variant, log)}
-        with open(os.path.join(args.out, args.log_name + ".json"), "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, args.log_name, dict(run_header("gluon_fa3_dq.py"), rows=time_host(
+            parse_cases(args.cases), variants[0], dkdv_variant, log)))
         return
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "date": datetime.date.today().isoformat(), "command": command,
-              "check": None if args.dq_only or args.no_check else check(variants, dkdv_variant, log), "rows": []}
-    for mask, d, n in parse_cases(args.cases):
-        window = WINDOW if mask == "window" else None
-        row = BenchRow(mask, d, n)
-        flash_triton.restore_tuning()
-        report.force_tuned_configs(record, mask, d, n)  # the shipped kernels with their stored tuned configs
-        tags = dict(mask=mask, d=d, n=n)
-        entry = dict(tags, window=window, peer=row.peer)
-        triton.testing.do_bench(lambda: row.outputs("dldna"), warmup=200, rep=500)  # heat the GPU to its clock
-        if not args.dq_only:
-            combos = gluon_backward_combos(row, window, variants[0], dkdv_variant)
-            row.fns.update(combos)
-            names = list(combos) + ["dldna", row.peer]
-            shipped = row.outputs("dldna")
-            entry["rel_diff_vs_dldna"] = {
-                name: {label: rel_diff(a, b) for label, a, b in zip(("out", "dq", "dk", "dv"), row.outputs(name),
-                                                                   shipped)}
-                for name in combos}
-            rounds, med = timed_rounds(lambda name: round(row.time(name, "fwd+bwd"), 4), names, args.rounds, log,
-                                       "fwd_bwd_ms", **tags)
-            entry.update(fwd_bwd_rounds_ms=rounds, fwd_bwd_median_ms=med,
-                         fwd_bwd_speed_vs_peer={name: med[row.peer] / med[name] for name in names})
-        entry.update(time_dq(row, window, variants, args.rounds, log, **tags))
-        log(json.dumps({k: entry[k] for k in ("mask", "d", "n", "fwd_bwd_median_ms", "fwd_bwd_speed_vs_peer",
-                                              "dq_median_ms", "rel_diff_vs_dldna") if k in entry}))
-        result["rows"].append(entry)
-    with open(os.path.join(args.out, args.log_name + ".json"), "w") as f:
-        json.dump(result, f, indent=1)
+    result = dict(run_header("gluon_fa3_dq.py"),
+                  check=None if args.dq_only or args.no_check else check(variants, dkdv_variant, log))
+    result["rows"] = time_rows(
+        args.cases, args.rounds, log,
+        lambda row, window: gluon_backward_combos(row, window, variants[0], dkdv_variant),
+        lambda row, window, **tags: time_dq(row, window, variants, args.rounds, log, **tags),
+        "dq_median_ms", fwd_bwd=not args.dq_only)
+    write_json(args.out, args.log_name, result)
 
 
 if __name__ == "__main__":

@@ -380,34 +380,64 @@ def parse_cases(cases):
     return [(m, int(d), int(n)) for m, d, n in (case.split(":") for case in cases)]
 
 
+def time_combos(row, combos, rounds, log, **tags):
+    """Forward+backward in ms (medians of ``rounds``) of the ``BenchRow.fns`` entries ``combos`` beside dldna and the
+    row's peer, the speed of each against the peer, and how far each combination's output and gradients are from
+    dldna's (relative norm)."""
+    row.fns.update(combos)
+    names = list(combos) + ["dldna", row.peer]
+    shipped = row.outputs("dldna")
+    diffs = {name: {label: rel_diff(a, b) for label, a, b in zip(("out", "dq", "dk", "dv"), row.outputs(name),
+                                                                 shipped)}
+             for name in combos}
+    rounds_ms, med = timed_rounds(lambda name: round(row.time(name, "fwd+bwd"), 4), names, rounds, log, "fwd_bwd_ms",
+                                  **tags)
+    return dict(rel_diff_vs_dldna=diffs, fwd_bwd_rounds_ms=rounds_ms, fwd_bwd_median_ms=med,
+                fwd_bwd_speed_vs_peer={name: med[row.peer] / med[name] for name in names})
+
+
 def time_fwd_bwd(row, mask, window, rounds, log):
     """Forward+backward in ms, median of ``rounds``: the Gluon forward with dldna's backward, dldna, and the row's
     peer; and how far the hybrid's output and gradients are from dldna's."""
-    row.fns["gluon_fwd_dldna_bwd"] = lambda: GluonForwardShippedBackward.apply(row.q, row.k, row.v, window)
-    mine, shipped = row.outputs("gluon_fwd_dldna_bwd"), row.outputs("dldna")
-    entry = {"hybrid_rel_diff_vs_dldna": {name: rel_diff(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"),
-                                                                                     mine, shipped)}}
-    names = ["gluon_fwd_dldna_bwd", "dldna", row.peer]
     tags = dict(mask=mask, d=row.q.shape[-1], n=row.q.shape[2])
-    entry["fwd_bwd_rounds_ms"], med = timed_rounds(lambda name: round(row.time(name, "fwd+bwd"), 4), names, rounds,
-                                                   log, "fwd_bwd_ms", **tags)
-    entry["fwd_bwd_median_ms"] = med
-    entry["fwd_bwd_speed_vs_peer"] = {name: med[row.peer] / med[name] for name in names}
-    log(json.dumps(dict(tags, fwd_bwd_median_ms=med, speed_vs_peer=entry["fwd_bwd_speed_vs_peer"],
-                        diff=entry["hybrid_rel_diff_vs_dldna"])))
+    combos = {"gluon_fwd_dldna_bwd": lambda: GluonForwardShippedBackward.apply(row.q, row.k, row.v, window)}
+    timed = time_combos(row, combos, rounds, log, **tags)
+    entry = {"hybrid_rel_diff_vs_dldna": timed.pop("rel_diff_vs_dldna")["gluon_fwd_dldna_bwd"], **timed}
+    log(json.dumps(dict(tags, fwd_bwd_median_ms=entry["fwd_bwd_median_ms"],
+                        speed_vs_peer=entry["fwd_bwd_speed_vs_peer"], diff=entry["hybrid_rel_diff_vs_dldna"])))
     return entry
 
 
-def main():
+def experiment_parser(log_name, rounds, cases):
+    """The flags every Gluon experiment script takes: where its log goes, ``--compile-only``, the rounds per row
+    and the ``MASK:HEAD_DIM:N`` rows (defaults ``log_name``, ``rounds``, ``cases``)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/experiments/logs")
-    parser.add_argument("--log-name", default="gluon_fa3_forward", help="file name of the .log and .json")
+    parser.add_argument("--log-name", default=log_name, help="file name of the .log and .json")
     parser.add_argument("--compile-only", action="store_true")
-    parser.add_argument("--rounds", type=int, default=5, help="timing rounds per row (order reversed every other)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--cases", nargs="+", default=["causal:128:16384", "causal:64:4096", "causal:64:16384",
-                                                       "causal:128:4096"],
+    parser.add_argument("--rounds", type=int, default=rounds, help="timing rounds per row (order reversed every other)")
+    parser.add_argument("--cases", nargs="+", default=cases,
                         help="MASK:HEAD_DIM:N rows (MASK causal or window), timed at the benchmark's batch x heads")
+    return parser
+
+
+def run_header(script):
+    """Device, versions, date and command line of a run of ``benchmarks/experiments/<script>``, for its .json."""
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(),
+            "command": f"PYTHONPATH=$PWD python benchmarks/experiments/{script} " + " ".join(sys.argv[1:])}
+
+
+def write_json(out_dir, name, result):
+    """``result`` as ``out_dir/name.json``, beside the run's .log."""
+    with open(os.path.join(out_dir, name + ".json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def main():
+    parser = experiment_parser("gluon_fa3_forward", 5, ["causal:128:16384", "causal:64:4096", "causal:64:16384",
+                                                        "causal:128:4096"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--fwd-bwd", action="store_true",
                         help="also time forward+backward with the Gluon forward (v2) and dldna's backward")
     args = parser.parse_args()
@@ -425,9 +455,7 @@ def main():
 
     allow_flex_recompiles()
     record = json.load(open("results/flash_attention_bench.json"))
-    command = "PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_forward.py " + " ".join(sys.argv[1:])
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "date": datetime.date.today().isoformat(), "command": command, "check": check(log), "rows": []}
+    result = dict(run_header("gluon_fa3_forward.py"), check=check(log), rows=[])
     variants = {name: VARIANTS[name] for name in args.variants}
     for mask, d, n in parse_cases(args.cases):
         window = WINDOW if mask == "window" else None
@@ -456,8 +484,7 @@ def main():
         if args.fwd_bwd:
             entry.update(time_fwd_bwd(row, mask, window, args.rounds, log))
         result["rows"].append(entry)
-    with open(os.path.join(args.out, args.log_name + ".json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, args.log_name, result)
 
 
 if __name__ == "__main__":

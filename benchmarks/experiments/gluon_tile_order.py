@@ -33,31 +33,49 @@ def allowed(i, j, window):
     return i >= j and (window == 0 or i < j + window)
 
 
+def sequence_problems(pid, seq, lo, hi):
+    """The loader's ``seq`` of ``(tile, masked)`` for block ``pid`` not holding each tile of ``[lo, hi)`` once."""
+    if sorted(t for t, _ in seq) != list(range(lo, hi)):
+        return [f"block {pid}: sequence {seq} is not [{lo}, {hi}) once each"]
+    return []
+
+
+def walk_problems(where, seq, pairs_of, passed_over, tile_pairs, needed):
+    """The violations of one consumer (``where``, for the messages) walking the loader's ``seq``: a tile taken
+    without the mask that holds a masked pair (fewer than ``tile_pairs`` allowed ``pairs_of(tile)``), a tile
+    ``passed_over`` with allowed pairs, and the allowed pairs of the tiles it takes differing from ``needed``."""
+    found, covered = [], set()
+    for t, masked in seq:
+        skip = masked and passed_over(t)
+        pairs = pairs_of(t)
+        if not masked and len(pairs) < tile_pairs:
+            found.append(f"{where}: tile {t} has masked pairs but no mask")
+        if skip and pairs:
+            found.append(f"{where}: tile {t} passed over with allowed pairs")
+        if not skip:
+            covered |= pairs
+    if covered != needed:
+        found.append(f"{where}: {len(needed ^ covered)} pairs wrong")
+    return found
+
+
 def problems(n, consumers, window):
     """Every violation of the dK/dV kernel's order for one (N, consumers, window), as strings."""
     found = []
     for pid in range(n // (consumers * ROWS)):
         lo, hi, far = query_tiles(pid, n, consumers, window)
         seq = tile_sequence(lo, hi, far, consumers)
-        if sorted(t for t, _ in seq) != list(range(lo, hi)):
-            found.append(f"block {pid}: sequence {seq} is not [{lo}, {hi}) once each")
+        found += sequence_problems(pid, seq, lo, hi)
         for half in range(consumers):
             k_start = pid * consumers * ROWS + half * ROWS
-            covered = set()
-            for t, masked in seq:
-                q0 = t * QROWS
-                skip = masked and (q0 + QROWS - 1 < k_start or (window > 0 and q0 > k_start + ROWS - 2 + window))
-                pairs = {(i, j) for i in range(q0, q0 + QROWS) for j in range(k_start, k_start + ROWS)
-                         if allowed(i, j, window)}
-                if not masked and len(pairs) < QROWS * ROWS:
-                    found.append(f"block {pid} consumer {half}: tile {t} has masked pairs but no mask")
-                if skip and pairs:
-                    found.append(f"block {pid} consumer {half}: tile {t} passed over with allowed pairs")
-                if not skip:
-                    covered |= pairs
-            needed = {(i, j) for i in range(n) for j in range(k_start, k_start + ROWS) if allowed(i, j, window)}
-            if covered != needed:
-                found.append(f"block {pid} consumer {half}: {len(needed ^ covered)} pairs wrong")
+            keys = range(k_start, k_start + ROWS)
+            found += walk_problems(
+                f"block {pid} consumer {half}", seq,
+                lambda t, keys=keys: {(i, j) for i in range(t * QROWS, t * QROWS + QROWS) for j in keys
+                                      if allowed(i, j, window)},
+                lambda t, k_start=k_start: (t * QROWS + QROWS - 1 < k_start
+                                            or (window > 0 and t * QROWS > k_start + ROWS - 2 + window)),
+                QROWS * ROWS, {(i, j) for i in range(n) for j in keys if allowed(i, j, window)})
     return found
 
 
@@ -85,25 +103,17 @@ def dq_problems(n, keys, window):
     for pid in range(n // BLOCK_M):
         lo, hi, full_lo, full_hi = key_tiles(pid, keys, window)
         seq = key_tile_sequence(lo, hi, full_lo, full_hi)
-        if sorted(j for j, _ in seq) != list(range(lo, hi)):
-            found.append(f"block {pid}: sequence {seq} is not [{lo}, {hi}) once each")
+        found += sequence_problems(pid, seq, lo, hi)
         for half in range(BLOCK_M // ROWS):
             q_start = pid * BLOCK_M + half * ROWS
-            covered = set()
-            for j, masked in seq:
-                k0 = j * keys
-                skip = masked and (k0 > q_start + ROWS - 1 or (window > 0 and k0 + keys - 1 <= q_start - window))
-                pairs = {(i, c) for i in range(q_start, q_start + ROWS) for c in range(k0, k0 + keys)
-                         if allowed(i, c, window)}
-                if not masked and len(pairs) < ROWS * keys:
-                    found.append(f"block {pid} consumer {half}: tile {j} has masked pairs but no mask")
-                if skip and pairs:
-                    found.append(f"block {pid} consumer {half}: tile {j} passed over with allowed pairs")
-                if not skip:
-                    covered |= pairs
-            needed = {(i, c) for i in range(q_start, q_start + ROWS) for c in range(n) if allowed(i, c, window)}
-            if covered != needed:
-                found.append(f"block {pid} consumer {half}: {len(needed ^ covered)} pairs wrong")
+            rows = range(q_start, q_start + ROWS)
+            found += walk_problems(
+                f"block {pid} consumer {half}", seq,
+                lambda j, rows=rows: {(i, c) for i in rows for c in range(j * keys, j * keys + keys)
+                                      if allowed(i, c, window)},
+                lambda j, q_start=q_start: (j * keys > q_start + ROWS - 1
+                                            or (window > 0 and j * keys + keys - 1 <= q_start - window)),
+                ROWS * keys, {(i, c) for i in rows for c in range(n) if allowed(i, c, window)})
     return found
 
 
