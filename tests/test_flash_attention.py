@@ -535,15 +535,25 @@ def test_ncu_table_lists_kernels_with_their_top_stalls():
     assert "cuDNN fprop" in lines[2]
 
 
+def _json_from_compiler_subprocess(code):
+    """Run ``code`` in a fresh Python without ``TRITON_INTERPRET`` (set for this module's tests, under which Triton
+    would not compile for a GPU target), the repository importable, and parse the JSON of its last printed line."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_gluon_experiments_compile_for_hopper_without_a_gpu():
     """The three Gluon kernels of ``benchmarks/experiments`` (not shipped: Gluon has no CPU interpreter) still compile
     for sm_90a with this Triton, at D = 128 under the window: warpgroup MMA, the loader's registers handed over
     (``setmaxnreg``), shared memory within the SM's 227 KB, and no spills but the dK/dV kernel's few (4 to 80 bytes
     with Triton 3.6)."""
-    import json
-    import subprocess
-    import sys
-
     pytest.importorskip("triton.experimental.gluon")
     code = (
         "import json\n"
@@ -552,11 +562,7 @@ def test_gluon_experiments_compile_for_hopper_without_a_gpu():
         "        gluon_fa3_dkdv.compile_only(128, 2, 1024, 2)]\n"
         "print(json.dumps(rows))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    forward, dq, dkdv = json.loads(result.stdout.strip().splitlines()[-1])
+    forward, dq, dkdv = _json_from_compiler_subprocess(code)
     for row in (forward, dq, dkdv):
         assert row["wgmma"] > 0 and row["setmaxnreg"] > 0 and row["shared_bytes"] <= 227 * 1024, row
     assert forward["spill_store_bytes"] == 0 and dq["spill_store_bytes"] == 0, (forward, dq)
@@ -737,10 +743,6 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     """The window configs the H200 picked compile for sm_90a (``benchmarks/flash_compile_report.py``, which also
     checks that the report's kernel signatures follow the kernels'): warpgroup MMA, no mma.sync, no spills, and the
     loops over tiles that ``benchmarks/experiments/sass_loops.py`` counts."""
-    import json
-    import subprocess
-    import sys
-
     code = (
         "import json\n"
         "from benchmarks.flash_compile_report import compile_one\n"
@@ -754,11 +756,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
         "loops = [[size for size, _ in tile_loops(row.pop('sass'))] for row in rows]\n"
         "print(json.dumps([rows, loops, overlap]))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows, loops, dkdv_overlap = json.loads(result.stdout.strip().splitlines()[-1])
+    rows, loops, dkdv_overlap = _json_from_compiler_subprocess(code)
     for row in rows:
         assert row["wgmma"] > 0 and row["mma_sync"] == 0, row
         assert row["spill_store_bytes"] == 0 and row["registers"] <= 255, row
