@@ -558,8 +558,8 @@ def test_gluon_experiments_compile_for_hopper_without_a_gpu():
     code = (
         "import json\n"
         "from benchmarks.experiments import gluon_fa3_dkdv, gluon_fa3_dq, gluon_fa3_forward\n"
-        "rows = [gluon_fa3_forward.compile_only(128, True, 2, 1024, persistent=True)[0],\n"
-        "        gluon_fa3_forward.compile_only(64, True, 2, 0, consumers=3, persistent=True)[0],\n"
+        "rows = [gluon_fa3_forward.compile_only(128, True, 2, 1024, persistent='queue')[0],\n"
+        "        gluon_fa3_forward.compile_only(64, True, 2, 0, consumers=3, persistent='queue')[0],\n"
         "        gluon_fa3_dq.compile_only(128, 64, 2, 1024), gluon_fa3_dkdv.compile_only(128, 2, 1024, 2)]\n"
         "print(json.dumps(rows))\n"
     )

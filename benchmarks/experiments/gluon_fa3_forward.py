@@ -86,11 +86,28 @@ def _walk_tile(wave):
 
 
 @gluon.jit
-def _walk_waves(n_tiles):
-    """How many waves of ``_walk_tile`` hold a tile ``< n_tiles`` for this program: the full waves, and the last one
-    if this program's tile there exists."""
-    full = n_tiles // gl.num_programs(0)
-    return full + (_walk_tile(full) < n_tiles).to(gl.int32)
+def _next_tile(done, sched, SCHEDULE: gl.constexpr):
+    """The loader's next tile after ``done`` tiles: from the queue (``SCHEDULE`` 2: an atomic counter in global memory
+    past the first ``grid`` tiles, so the tiles go out in order to whichever program asks first), else the next wave
+    of ``_walk_tile`` (a program per tile: past the last)."""
+    if SCHEDULE == 2:
+        tile = gl.num_programs(0) + gl.atomic_add(sched[0], 1)
+    else:
+        tile = _walk_tile(done)
+    return tile
+
+
+@gluon.jit
+def _post_tile(tile_smem, tile):
+    """The loader's word to the consumers: the tile whose Q it loads next (read after ``q_ready``'s phase)."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])  # the 128 threads of a warpgroup
+    tile_smem.store(gl.zeros([1], gl.int32, layout) + tile)
+
+
+@gluon.jit
+def _read_tile(tile_smem):
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    return gl.max(tile_smem.load(layout), axis=0)
 
 
 @gluon.jit
@@ -120,20 +137,24 @@ def _needs_mask(j, pid_m, BLOCK_Q: gl.constexpr, WINDOW: gl.constexpr):
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, bufs, n_ctx, order, WINDOW: gl.constexpr):
+def _loader(q_desc, k_desc, v_desc, bufs, n_ctx, order, sched, WINDOW: gl.constexpr, SCHEDULE: gl.constexpr):
     """The producer warpgroup, for each of the program's tiles: each consumer's part of the Q block once it is free,
-    then K and V tile by tile into the ring (whose slots and phases run on across tiles)."""
+    then K and V tile by tile into the ring (whose slots and phases run on across tiles). ``sched``: ``(counter,
+    tile_smem)``; with the queue (``SCHEDULE`` 2) the loader takes the tiles and posts each to the consumers."""
     q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty = bufs
     STAGES: gl.constexpr = k_bufs.shape[0]
     CONSUMERS: gl.constexpr = q_bufs.shape[0]
     n_tiles = gl.cdiv(n_ctx, CONSUMERS * ROWS) * order[0]
     taken = 0  # K/V tiles put in the ring by the program's earlier tiles
     done = 0  # the program's earlier tiles
-    for wave in range(0, _walk_waves(n_tiles)):
-        pid_m, bh = _block_and_head(_walk_tile(wave), n_ctx, order, CONSUMERS * ROWS)
+    tile = gl.program_id(0)
+    while tile < n_tiles:
+        pid_m, bh = _block_and_head(tile, n_ctx, order, CONSUMERS * ROWS)
         row0 = bh * n_ctx
         q_row = row0 + pid_m * (CONSUMERS * ROWS)
         mbarrier.wait(q_empty, (done & 1) ^ 1)  # the previous tile's score products are done
+        if SCHEDULE == 2:
+            _post_tile(sched[1], tile)
         mbarrier.expect(q_ready, CONSUMERS * q_desc.block_type.nbytes)
         for part in gl.static_range(CONSUMERS):  # rows past the sequence (a 192-row block's last): read, never stored
             tma.async_copy_global_to_shared(q_desc, [q_row + part * ROWS, 0], q_ready, q_bufs.index(part))
@@ -150,6 +171,11 @@ def _loader(q_desc, k_desc, v_desc, bufs, n_ctx, order, WINDOW: gl.constexpr):
             tma.async_copy_global_to_shared(v_desc, [row0 + j * BLOCK_N, 0], v_ready.index(s), v_bufs.index(s))
         taken += hi - lo
         done += 1
+        tile = _next_tile(done, sched, SCHEDULE)
+    if SCHEDULE == 2:  # the consumers' word to stop: a tile past the last, with no Q
+        mbarrier.wait(q_empty, (done & 1) ^ 1)
+        _post_tile(sched[1], tile)
+        mbarrier.arrive(q_ready)
 
 
 @gluon.jit
@@ -171,8 +197,8 @@ def _online_softmax(scores, m_i, l_i, rows, keys, qk_scale, masked, WINDOW: gl.c
 
 
 @gluon.jit
-def _consumer(outs, bufs, n_ctx, order, qk_scale, HEAD_DIM: gl.constexpr, OVERLAP: gl.constexpr,
-              WINDOW: gl.constexpr, PART: gl.constexpr):
+def _consumer(outs, bufs, n_ctx, order, sched, qk_scale, HEAD_DIM: gl.constexpr, OVERLAP: gl.constexpr,
+              WINDOW: gl.constexpr, SCHEDULE: gl.constexpr, PART: gl.constexpr):
     """One consumer warpgroup, for each of the program's tiles: query rows ``PART * ROWS .. + ROWS`` of the block;
     scores and output in registers. ``outs``: ``(o_desc, lse_ptr, o_bufs)``; with ``o_bufs`` apart from the Q
     buffers (persistent programs) the output's TMA store runs on while the next tile starts."""
@@ -196,14 +222,19 @@ def _consumer(outs, bufs, n_ctx, order, qk_scale, HEAD_DIM: gl.constexpr, OVERLA
     n_tiles = gl.cdiv(n_ctx, BLOCK_Q) * order[0]
     taken = 0  # K/V tiles taken from the ring by the program's earlier tiles
     done = 0
-    for wave in range(0, _walk_waves(n_tiles)):
-        pid_m, bh = _block_and_head(_walk_tile(wave), n_ctx, order, BLOCK_Q)
+    tile = gl.program_id(0)
+    if SCHEDULE == 2:
+        mbarrier.wait(q_ready, 0)
+        tile = _read_tile(sched[1])
+    while tile < n_tiles:
+        pid_m, bh = _block_and_head(tile, n_ctx, order, BLOCK_Q)
         q_start = pid_m * BLOCK_Q + PART * ROWS  # first query row of this warpgroup, within the head
         lo, block_hi = _key_tiles(pid_m, n_ctx, BLOCK_Q, WINDOW)
         hi = block_hi
         if BLOCK_Q > BLOCK_N:  # 192 rows: this warpgroup's rows may end a tile before the block's
             hi = gl.minimum(gl.cdiv(q_start + ROWS, BLOCK_N), block_hi)
-        mbarrier.wait(q_ready, done & 1)
+        if SCHEDULE != 2:  # with the queue, waited for before the tile was read
+            mbarrier.wait(q_ready, done & 1)
 
         m_i = gl.full([ROWS], -float("inf"), gl.float32, s_rows)
         l_i = gl.full([ROWS], 0.0, gl.float32, s_rows)
@@ -283,18 +314,24 @@ def _consumer(outs, bufs, n_ctx, order, qk_scale, HEAD_DIM: gl.constexpr, OVERLA
             tma.async_copy_shared_to_global(o_desc, [bh * n_ctx + q_start, 0], o_smem)
             lse = (m_i + gl.log2(l_i)) / LOG2E  # natural log, as dldna's kernels return it
             gl.store(lse_ptr + bh * n_ctx + rows, lse)
+        if SCHEDULE == 2:
+            mbarrier.wait(q_ready, done & 1)
+            tile = _read_tile(sched[1])
+        else:
+            tile = _walk_tile(done)
     tma.store_wait(0)
 
 
 @gluon.jit
-def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, n_ctx, n_bh, heads_per_chunk, qk_scale, HEAD_DIM: gl.constexpr,
-             OVERLAP: gl.constexpr, STAGES: gl.constexpr, WINDOW: gl.constexpr, CONSUMERS: gl.constexpr = 2,
-             PERSISTENT: gl.constexpr = False):
+def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, counter, n_ctx, n_bh, heads_per_chunk, qk_scale,
+             HEAD_DIM: gl.constexpr, OVERLAP: gl.constexpr, STAGES: gl.constexpr, WINDOW: gl.constexpr,
+             CONSUMERS: gl.constexpr = 2, SCHEDULE: gl.constexpr = 0):
     """1-D grid over the ``cdiv(N, 64 * CONSUMERS) * B * H`` tiles (order: ``_block_and_head``): a program per tile,
-    or with ``PERSISTENT`` fewer programs that walk the tiles in waves (``_walk_tile``). q, k, v, o are 2-D
+    or fewer programs that each take several: ``SCHEDULE`` 1 in mirrored waves (``_walk_tile``), 2 from a queue
+    (``_next_tile``; ``counter``: an int32 zero). q, k, v, o are 2-D
     ``(B * H * N, D)`` tensor descriptors; ``WINDOW`` 0: causal; ``CONSUMERS`` 2 or 3 warpgroups of 64 query rows."""
     q_bufs = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, ROWS, HEAD_DIM], q_desc.layout)
-    if PERSISTENT:  # the output's own staging buffers: the next tile's Q may load while the output is stored
+    if SCHEDULE > 0:  # the output's own staging buffers: the next tile's Q may load while the output is stored
         o_bufs = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, ROWS, HEAD_DIM], o_desc.layout)
     else:
         o_bufs = q_bufs
@@ -303,6 +340,7 @@ def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, n_ctx, n_bh, heads_per_chu
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
     q_ready = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
     q_empty = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+    tile_smem = gl.allocate_shared_memory(gl.int32, [1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
@@ -319,17 +357,23 @@ def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, n_ctx, n_bh, heads_per_chu
     bufs = (q_bufs, k_bufs, v_bufs, q_ready, q_empty, k_ready, v_ready, k_empty, v_empty)
     order = (n_bh, heads_per_chunk)
     outs = (o_desc, lse_ptr, o_bufs)
+    sched = (counter, tile_smem)
     if CONSUMERS == 2:
-        gl.warp_specialize([(_consumer, (outs, bufs, n_ctx, order, qk_scale, HEAD_DIM, OVERLAP, WINDOW, 0)),
-                            (_consumer, (outs, bufs, n_ctx, order, qk_scale, HEAD_DIM, OVERLAP, WINDOW, 1)),
-                            (_loader, (q_desc, k_desc, v_desc, bufs, n_ctx, order, WINDOW))], [4, 4],
-                           [REGS_CONSUMER, REGS_LOADER])
+        gl.warp_specialize([(_consumer, (outs, bufs, n_ctx, order, sched, qk_scale, HEAD_DIM, OVERLAP, WINDOW,
+                                         SCHEDULE, 0)),
+                            (_consumer, (outs, bufs, n_ctx, order, sched, qk_scale, HEAD_DIM, OVERLAP, WINDOW,
+                                         SCHEDULE, 1)),
+                            (_loader, (q_desc, k_desc, v_desc, bufs, n_ctx, order, sched, WINDOW, SCHEDULE))],
+                           [4, 4], [REGS_CONSUMER, REGS_LOADER])
     else:
-        gl.warp_specialize([(_consumer, (outs, bufs, n_ctx, order, qk_scale, HEAD_DIM, OVERLAP, WINDOW, 0)),
-                            (_consumer, (outs, bufs, n_ctx, order, qk_scale, HEAD_DIM, OVERLAP, WINDOW, 1)),
-                            (_consumer, (outs, bufs, n_ctx, order, qk_scale, HEAD_DIM, OVERLAP, WINDOW, 2)),
-                            (_loader, (q_desc, k_desc, v_desc, bufs, n_ctx, order, WINDOW))], [4, 4, 4],
-                           [REGS_CONSUMER_3, REGS_CONSUMER_3, REGS_LOADER])
+        gl.warp_specialize([(_consumer, (outs, bufs, n_ctx, order, sched, qk_scale, HEAD_DIM, OVERLAP, WINDOW,
+                                         SCHEDULE, 0)),
+                            (_consumer, (outs, bufs, n_ctx, order, sched, qk_scale, HEAD_DIM, OVERLAP, WINDOW,
+                                         SCHEDULE, 1)),
+                            (_consumer, (outs, bufs, n_ctx, order, sched, qk_scale, HEAD_DIM, OVERLAP, WINDOW,
+                                         SCHEDULE, 2)),
+                            (_loader, (q_desc, k_desc, v_desc, bufs, n_ctx, order, sched, WINDOW, SCHEDULE))],
+                           [4, 4, 4], [REGS_CONSUMER_3, REGS_CONSUMER_3, REGS_LOADER])
 
 
 @functools.lru_cache(maxsize=None)
@@ -346,18 +390,22 @@ def _descriptor(t, rows):
     return TensorDescriptor.from_tensor(t, [rows, t.shape[-1]], _shared_layout(rows, t.shape[-1]))
 
 
+SCHEDULES = {None: 0, "walk": 1, "queue": 2}  # fa3_forward's ``persistent``: _fa3_fwd's SCHEDULE
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def fa3_forward(q, k, v, overlap=True, stages=2, window=None, consumers=2, chunk_heads=False, persistent=False,
+def fa3_forward(q, k, v, overlap=True, stages=2, window=None, consumers=2, chunk_heads=False, persistent=None,
                 poison=False):
     """Causal attention of bf16 ``(B, H, N, D)`` q, k, v: ``(out, lse)``, lse ``(B, H, N)`` float32 natural log.
     ``stages``: K/V tiles in flight in shared memory; ``window``: query i sees keys i - window < j <= i;
     ``consumers``: warpgroups of 64 query rows per program, 2, or 3 at D = 64 (192-row blocks); ``chunk_heads``:
     the shipped kernels' program order (``_heads_per_chunk``: longest first over a chunk of heads whose K/V fit in
-    L2; head by head with a window), else head by head; ``persistent``: one program per SM, walking the tiles;
+    L2; head by head with a window), else head by head; ``persistent``: one program per SM, which takes the tiles
+    in mirrored waves (``"walk"``) or from a queue (``"queue"``);
     ``poison``: out and lse start as NaN (for checks: a row the kernel misses shows)."""
     b, h, n, d = q.shape
     if q.dtype != torch.bfloat16 or n % BLOCK_M.value or d not in (64, 128) or k.shape != q.shape or v.shape != q.shape:
@@ -367,6 +415,10 @@ def fa3_forward(q, k, v, overlap=True, stages=2, window=None, consumers=2, chunk
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     if consumers not in (2, 3) or (consumers == 3 and d != 64):
         raise ValueError(f"consumers must be 2, or 3 at head_dim 64 (registers), got {consumers} at {d}")
+    if persistent not in SCHEDULES:
+        raise ValueError(f"persistent must be one of {sorted(SCHEDULES, key=str)}, got {persistent!r}")
+    if d == 128 and stages > 2 and persistent:
+        raise ValueError("at head_dim 128 a persistent program has shared memory for 2 stages only")
     q2, k2, v2 = (t.contiguous().view(b * h * n, d) for t in (q, k, v))
     out = torch.full_like(q2, math.nan) if poison else torch.empty_like(q2)
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
@@ -380,9 +432,11 @@ def fa3_forward(q, k, v, overlap=True, stages=2, window=None, consumers=2, chunk
         heads_per_chunk = _heads_per_chunk(b * h, n, d * q.element_size(), window is None)
     tiles = triton.cdiv(n, consumers * ROWS.value) * b * h
     grid = min(tiles, _sm_count(q.device)) if persistent else tiles
+    # the queue's counter, zeroed for every call (a fill kernel, timed with the call); unread without the queue
+    counter = torch.zeros(1, device=q.device, dtype=torch.int32) if persistent == "queue" else lse
     _fa3_fwd[(grid,)](
-        *descs, lse, n, b * h, heads_per_chunk, LOG2E.value / math.sqrt(d), HEAD_DIM=d, OVERLAP=overlap,
-        STAGES=stages, WINDOW=window or 0, CONSUMERS=consumers, PERSISTENT=persistent, num_warps=4,
+        *descs, lse, counter, n, b * h, heads_per_chunk, LOG2E.value / math.sqrt(d), HEAD_DIM=d, OVERLAP=overlap,
+        STAGES=stages, WINDOW=window or 0, CONSUMERS=consumers, SCHEDULE=SCHEDULES[persistent], num_warps=4,
         maxnreg=MAXNREG if consumers == 2 else MAXNREG_3)
     return out.view(b, h, n, d), lse
 
@@ -421,7 +475,7 @@ class GluonForwardShippedBackward(torch.autograd.Function):
         return *grads, None
 
 
-def compile_only(d, overlap, stages=2, window=0, consumers=2, chunk_heads=False, persistent=False):
+def compile_only(d, overlap, stages=2, window=0, consumers=2, chunk_heads=False, persistent=None):
     """Registers, spills and shared memory of the sm_90a build (no GPU needed), as ``flash_compile_report``;
     ``chunk_heads`` (host side only) is taken for ``VARIANTS``' sake."""
     from benchmarks.flash_compile_report import ptxas_info
@@ -432,12 +486,12 @@ def compile_only(d, overlap, stages=2, window=0, consumers=2, chunk_heads=False,
         return f"tensordesc<bf16[{rows}, {d}],{gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16)!r}>"
 
     sig = {"q_desc": desc(ROWS.value), "k_desc": desc(BLOCK_N.value), "v_desc": desc(BLOCK_N.value),
-           "o_desc": desc(ROWS.value), "lse_ptr": "*fp32",
+           "o_desc": desc(ROWS.value), "lse_ptr": "*fp32", "counter": "*i32",
            "n_ctx": "i32", "n_bh": "i32", "heads_per_chunk": "i32", "qk_scale": "fp32", "HEAD_DIM": "constexpr",
            "OVERLAP": "constexpr", "STAGES": "constexpr", "WINDOW": "constexpr", "CONSUMERS": "constexpr",
-           "PERSISTENT": "constexpr"}
+           "SCHEDULE": "constexpr"}
     src = GluonASTSource(_fa3_fwd, sig, {"HEAD_DIM": d, "OVERLAP": overlap, "STAGES": stages, "WINDOW": window,
-                                         "CONSUMERS": consumers, "PERSISTENT": persistent})
+                                         "CONSUMERS": consumers, "SCHEDULE": SCHEDULES[persistent]})
     maxnreg = MAXNREG if consumers == 2 else MAXNREG_3
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
     ptx = kernel.asm["ptx"]
@@ -453,14 +507,21 @@ VARIANTS = {"gluon_v1": dict(overlap=False), "gluon_v2_overlap": dict(overlap=Tr
             "gluon_v2_overlap_3wg": dict(overlap=True, consumers=3),
             "gluon_v2_overlap_chunked": dict(overlap=True, chunk_heads=True),
             "gluon_v2_overlap_3wg_chunked": dict(overlap=True, consumers=3, chunk_heads=True),
-            "gluon_v2_overlap_persistent": dict(overlap=True, chunk_heads=True, persistent=True),
-            "gluon_v2_overlap_3wg_persistent": dict(overlap=True, consumers=3, chunk_heads=True, persistent=True),
+            "gluon_v2_overlap_persistent": dict(overlap=True, chunk_heads=True, persistent="walk"),
+            "gluon_v2_overlap_3wg_persistent": dict(overlap=True, consumers=3, chunk_heads=True, persistent="walk"),
+            "gluon_v2_overlap_queue": dict(overlap=True, chunk_heads=True, persistent="queue"),
+            "gluon_v2_overlap_3wg_queue": dict(overlap=True, consumers=3, chunk_heads=True, persistent="queue"),
+            "gluon_v2_overlap_queue_3stages": dict(overlap=True, stages=3, chunk_heads=True, persistent="queue"),
+            "gluon_v2_overlap_queue_headwise": dict(overlap=True, persistent="queue"),
+            "gluon_v2_overlap_queue_3stages_headwise": dict(overlap=True, stages=3, persistent="queue"),
             }  # fa3_forward's arguments
 
 
 def runs_at(variant, d):
-    """Whether the variant (a ``VARIANTS`` entry) builds at head_dim ``d``: three consumers only at 64."""
-    return variant.get("consumers", 2) == 2 or d == 64
+    """Whether the variant (a ``VARIANTS`` entry) builds at head_dim ``d``: at 128, not with three consumers
+    (registers) nor with three stages beside a persistent program's output buffers (261 KB of shared memory)."""
+    too_big = variant.get("consumers", 2) == 3 or (variant.get("stages", 2) == 3 and variant.get("persistent"))
+    return d == 64 or not too_big
 
 
 def check(log):
