@@ -415,14 +415,14 @@ def main():
                         help="time the dK/dV kernels alone, skipping the float64 checks and forward+backward")
     parser.add_argument("--no-check", action="store_true", help="skip the float64 checks")
     args = parser.parse_args()
-    log = line_logger(args.out, args.log_name)
-    if args.compile_only:
+    if args.compile_only:  # printed only: the log files hold GPU runs
         for d in (64, 128):
             for window in (0, 1024):
                 for stages in (2, 3):
                     for consumers in (2, 1):
-                        log(json.dumps(compile_only(d, stages, window, consumers)))
+                        print(json.dumps(compile_only(d, stages, window, consumers)))
         return
+    log = line_logger(args.out, args.log_name)
     variants = [tuple(int(x) for x in variant.split(":")) for variant in args.variants]
     result = dict(run_header("gluon_fa3_dkdv.py"),
                   check=None if args.dkdv_only or args.no_check else check(variants, log))
