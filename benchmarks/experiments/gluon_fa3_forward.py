@@ -67,11 +67,10 @@ def _block_and_head(tile, n_ctx, order, BLOCK_Q: gl.constexpr):
     mask) block, then every head's next one; ``heads_per_chunk = 1`` is head by head, as ``_query_block``'s grid."""
     n_bh, heads_per_chunk = order
     n_blocks = gl.cdiv(n_ctx, BLOCK_Q)
-    pid = tile
     per_chunk = heads_per_chunk * n_blocks
-    chunk = pid // per_chunk
+    chunk = tile // per_chunk
     heads_here = gl.minimum(heads_per_chunk, n_bh - chunk * heads_per_chunk)
-    r = pid - chunk * per_chunk
+    r = tile - chunk * per_chunk
     return n_blocks - 1 - r // heads_here, chunk * heads_per_chunk + r % heads_here
 
 
@@ -328,8 +327,8 @@ def _fa3_fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, counter, n_ctx, n_bh, head
              CONSUMERS: gl.constexpr = 2, SCHEDULE: gl.constexpr = 0):
     """1-D grid over the ``cdiv(N, 64 * CONSUMERS) * B * H`` tiles (order: ``_block_and_head``): a program per tile,
     or fewer programs that each take several: ``SCHEDULE`` 1 in mirrored waves (``_walk_tile``), 2 from a queue
-    (``_next_tile``; ``counter``: an int32 zero). q, k, v, o are 2-D
-    ``(B * H * N, D)`` tensor descriptors; ``WINDOW`` 0: causal; ``CONSUMERS`` 2 or 3 warpgroups of 64 query rows."""
+    (``_next_tile``; ``counter``: an int32 zero). q, k, v, o are 2-D ``(B * H * N, D)`` tensor descriptors;
+    ``WINDOW`` 0: causal; ``CONSUMERS`` 2 or 3 warpgroups of 64 query rows."""
     q_bufs = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, ROWS, HEAD_DIM], q_desc.layout)
     if SCHEDULE > 0:  # the output's own staging buffers: the next tile's Q may load while the output is stored
         o_bufs = gl.allocate_shared_memory(gl.bfloat16, [CONSUMERS, ROWS, HEAD_DIM], o_desc.layout)
