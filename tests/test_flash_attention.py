@@ -605,18 +605,22 @@ def test_gluon_table_divides_the_peer_time_by_each_implementation_time():
         "kernels": [{"mask": "window", "head_dim": 128, "n": 4096, "fwd_tflops": {"gluon": 423, "dldna": 377,
                                                                                    "flex": 292},
                      "dq_ms": {"gluon": 0.349, "dldna": 0.428}, "dkdv_ms": {"gluon": 0.472, "dldna": 0.534}}],
+        "forward_4k_d64": [{"log": "run_b.json", "date": "2026-12-04",
+                            "tflops": {"gluon": 421.6, "dldna": 394.4, "sdpa_cudnn": 416.6}}],
         "sources": [{"log": "a.json", "date": "2026-12-04", "command": "python x.py --rows window:128:4096"}]}}
     lines = gluon_table(record).splitlines()
     assert lines[1].split() == ["window", "128", "4096", "1.250", "ms", "1.20x", "1.000", "ms", "1.50x", "(1.50x)",
                                 "FlexAttention", "1.500", "ms"]
     assert "423 / 377 (Flex 292)" in lines[5] and lines[5].split()[-6:] == ["0.349", "/", "0.428", "0.472", "/",
                                                                               "0.534"]
+    assert lines[-4].split() == ["run_b", "422", "394", "417"]
     assert lines[-1] == "  2026-12-04  python x.py --rows window:128:4096"
 
 
 def test_the_stored_gluon_record_has_every_row_and_its_runs():
     """``results/flash_gluon.json`` (``benchmarks/experiments/gluon_summary.py``) holds the rows chapter 5 prints, each
-    implementation timed eagerly and as a graph, and the command of every run it was gathered from."""
+    implementation timed eagerly and as a graph, the causal 4k, D = 64 forward of each queue run, and the command of
+    every run it was gathered from."""
     from dldna.results import load_result
 
     record = load_result("flash_gluon")
@@ -625,7 +629,10 @@ def test_the_stored_gluon_record_has_every_row_and_its_runs():
     for row in rows.values():
         assert {"dldna", "gluon_fwd_gluon_bwd", row["peer"]} <= set(row["impls"])
         assert all(t["eager_ms"] > 0 and t["graph_ms"] > 0 for t in row["impls"].values())
-    assert len(record["data"]["sources"]) == 5 and all("gluon" in s["command"] for s in record["data"]["sources"])
+    assert len(record["data"]["sources"]) == 8 and all("gluon" in s["command"] for s in record["data"]["sources"])
+    queue_runs = record["data"]["forward_4k_d64"]
+    assert [run["log"] for run in queue_runs] == [s["log"] for s in record["data"]["sources"][-3:]]
+    assert all(run["tflops"]["gluon"] > run["tflops"]["sdpa_cudnn"] for run in queue_runs)  # as chapter 5 says
 
 
 def test_tuned_configs_parse_the_stored_winners():

@@ -15,7 +15,9 @@ LOGS = "benchmarks/experiments/logs"
 ROWS = (("causal", 128, 16384), ("window", 128, 16384), ("window", 128, 4096))  # the rows every run timed
 SOURCES = {"fwd_bwd": "host_gaps_gluon_cached_layouts.json", "fwd": ("gluon_fa3_window_fwdbwd.json",
                                                                      "gluon_fa3_window_fwdbwd_2.json"),
-           "dq": "gluon_dq.json", "dkdv": "gluon_dkdv_two_loops_full.json"}
+           "dq": "gluon_dq.json", "dkdv": "gluon_dkdv_two_loops_full.json",
+           "fwd_4k_d64": ("gluon_fwd_queue_variants.json", "gluon_fwd_queue_4k_d64.json", "gluon_fwd_queue_final.json")}
+QUEUE_FORWARD = "gluon_v2_overlap_queue_3stages"  # persistent programs on a queue, 3 stages: the 4k, D = 64 forward
 
 
 def _load(name):
@@ -55,20 +57,34 @@ def kernel_rows(fwd_records, dq_record, dkdv_record):
     return out
 
 
+def forward_4k_d64_rows(names, records):
+    """Per run that timed it: causal 4k, D = 64 forward TFLOP/s (medians) of the queue forward, dldna and cuDNN."""
+    out = []
+    for name, record in zip(names, records):
+        tflops = _row(record["rows"], "causal", 64, 4096)["median_tflops"]
+        out.append({"log": name, "date": record["date"],
+                    "tflops": {"gluon": tflops[QUEUE_FORWARD], "dldna": tflops["dldna"],
+                               "sdpa_cudnn": tflops["sdpa_cudnn"]}})
+    return out
+
+
 def main():
     records = {key: ([_load(n) for n in name] if isinstance(name, tuple) else _load(name))
                for key, name in SOURCES.items()}
-    every = [records["fwd_bwd"], *records["fwd"], records["dq"], records["dkdv"]]
+    every = [records["fwd_bwd"], *records["fwd"], records["dq"], records["dkdv"], *records["fwd_4k_d64"]]
     devices = {r["device"] for r in every}
     if len(devices) != 1:
         raise SystemExit(f"the runs come from more than one device: {sorted(devices)}")
     sources = [{"log": name, "date": rec["date"], "command": rec["command"]}
-               for name, rec in zip([SOURCES["fwd_bwd"], *SOURCES["fwd"], SOURCES["dq"], SOURCES["dkdv"]], every)]
+               for name, rec in zip([SOURCES["fwd_bwd"], *SOURCES["fwd"], SOURCES["dq"], SOURCES["dkdv"],
+                                     *SOURCES["fwd_4k_d64"]], every)]
     record = {"name": "flash_gluon", "device": devices.pop(), "date": max(r["date"] for r in every),
               "torch": records["dq"]["torch"], "triton": records["dq"]["triton"],
               "command": "python benchmarks/experiments/gluon_summary.py",
               "data": {"fwd_bwd": fwd_bwd_rows(records["fwd_bwd"]),
-                       "kernels": kernel_rows(records["fwd"], records["dq"], records["dkdv"]), "sources": sources}}
+                       "kernels": kernel_rows(records["fwd"], records["dq"], records["dkdv"]),
+                       "forward_4k_d64": forward_4k_d64_rows(SOURCES["fwd_4k_d64"], records["fwd_4k_d64"]),
+                       "sources": sources}}
     with open("results/flash_gluon.json", "w") as f:
         json.dump(record, f, indent=1)
         f.write("\n")

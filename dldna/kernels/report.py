@@ -223,7 +223,8 @@ GLUON = "gluon_fwd_gluon_bwd"  # the Gluon forward, dQ and dK/dV kernels of benc
 def gluon_table(record: dict) -> str:
     """The Gluon experiments' record (``benchmarks/experiments/gluon_summary.py``): forward+backward in ms and as
     speed against the row's peer (eager medians, the CUDA-graph replay's speed in brackets) for dldna and the
-    all-Gluon pass, then each kernel alone: forward TFLOP/s, dQ and dK/dV ms, Gluon against dldna."""
+    all-Gluon pass, then each kernel alone: forward TFLOP/s, dQ and dK/dV ms, Gluon against dldna; then the causal
+    4k, D = 64 forward of every run that timed the persistent Gluon forward on a queue."""
     lines = [f"{'mask':6} {'D':>4} {'N':>6}  {'dldna':>16} {'Gluon':>16} {'(graph)':>8}  peer"]
     for row in record["data"]["fwd_bwd"]:
         impls, peer = row["impls"], row["peer"]
@@ -241,5 +242,11 @@ def gluon_table(record: dict) -> str:
         forward = f"{fwd['gluon']:.0f} / {fwd['dldna']:.0f} ({short[peer]} {fwd[peer]:.0f})"
         lines.append(f"{row['mask']:6} {row['head_dim']:>4} {row['n']:>6}  {forward:>22} "
                      f"{dq['gluon']:>6.3f} / {dq['dldna']:.3f} {dkdv['gluon']:>6.3f} / {dkdv['dldna']:.3f}")
+    lines += ["", "causal 4k, D = 64 forward TFLOP/s (bar 420), Gluon persistent on a queue, 3 stages:",
+              f"{'run':28} {'Gluon':>6} {'dldna':>6} {'cuDNN':>6}"]
+    for run in record["data"]["forward_4k_d64"]:
+        tflops = run["tflops"]
+        lines.append(f"{run['log'].removesuffix('.json'):28} {tflops['gluon']:>6.0f} {tflops['dldna']:>6.0f} "
+                     f"{tflops['sdpa_cudnn']:>6.0f}")
     lines += ["", "measured by:"] + [f"  {src['date']}  {src['command']}" for src in record["data"]["sources"]]
     return "\n".join(lines)
