@@ -572,16 +572,28 @@ def test_gluon_experiments_compile_for_hopper_without_a_gpu():
 
 
 def test_gluon_tile_orders_cover_every_allowed_pair_once(monkeypatch):
-    """The Python copies of the Gluon dK/dV and dQ kernels' tile arithmetic (``gluon_tile_order.py``) on small N:
-    each tile once, masked where a pair is masked, every allowed pair covered; and a shifted diagonal is caught."""
+    """The Python copies of the Gluon dK/dV, dQ and forward kernels' tile arithmetic (``gluon_tile_order.py``) on
+    small N: each tile once, masked where a pair is masked, every allowed pair covered, every (block, head) once in a
+    persistent walk; and a shifted diagonal, a 192-row block's last tile dropped and a mis-mirrored wave are caught."""
     from benchmarks.experiments import gluon_tile_order as order
 
-    for n in (128, 384):
+    for n in (128, 384, 640):
         for window in (0, 1, 63, 64, 65, 129, 300):
             for consumers in (1, 2):
                 assert order.problems(n, consumers, window) == [], (n, consumers, window)
             for keys in (64, 128):
                 assert order.dq_problems(n, keys, window) == [], (n, keys, window)
+            for consumers in (2, 3):
+                assert order.forward_problems(n, consumers, window) == [], (n, consumers, window)
+    for blocks, heads, chunk, grid in ((5, 3, 1, 7), (5, 3, 2, 7), (32, 16, 16, 132), (1, 1, 1, 1)):
+        assert order.persistent_walk_problems(blocks, heads, chunk, grid) == [], (blocks, heads, chunk, grid)
+    real_forward, real_walk = order.forward_key_tiles, order.walk_tile
+    monkeypatch.setattr(order, "forward_key_tiles", lambda pid, n, block_q, window: (
+        real_forward(pid, n, block_q, window)[0], min((pid + 1) * block_q // order.BLOCK_N, n // order.BLOCK_N)))
+    assert order.forward_problems(640, 3, 0)  # 192-row blocks: a key tile that a block ends inside, dropped
+    monkeypatch.setattr(order, "forward_key_tiles", real_forward)
+    monkeypatch.setattr(order, "walk_tile", lambda wave, grid, pid: real_walk(wave, grid, pid) + wave % 2)
+    assert order.persistent_walk_problems(5, 3, 1, 7)
     real = order.key_tiles
 
     def one_full_tile_too_many(pid, keys, window):
