@@ -392,6 +392,22 @@ def _descriptor(t, rows):
 SCHEDULES = {None: 0, "walk": 1, "queue": 2}  # fa3_forward's ``persistent``: _fa3_fwd's SCHEDULE
 
 
+def _build_problem(d, consumers=2, stages=2, persistent=None):
+    """Why ``_fa3_fwd`` cannot be built with these settings at head_dim ``d`` (None if it can)."""
+    if consumers not in (2, 3) or (consumers == 3 and d != 64):
+        return f"consumers must be 2, or 3 at head_dim 64 (registers), got {consumers} at {d}"
+    if persistent not in SCHEDULES:
+        return f"persistent must be one of {sorted(SCHEDULES, key=str)}, got {persistent!r}"
+    if d == 128 and stages > 2 and persistent:
+        return "at head_dim 128 a persistent program has shared memory for 2 stages only"
+    return None
+
+
+def _maxnreg(consumers):
+    """Registers per thread at launch, before ``setmaxnreg`` shares them out."""
+    return MAXNREG if consumers == 2 else MAXNREG_3
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -412,12 +428,9 @@ def fa3_forward(q, k, v, overlap=True, stages=2, window=None, consumers=2, chunk
                          f"got {tuple(q.shape)} {q.dtype}")
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
-    if consumers not in (2, 3) or (consumers == 3 and d != 64):
-        raise ValueError(f"consumers must be 2, or 3 at head_dim 64 (registers), got {consumers} at {d}")
-    if persistent not in SCHEDULES:
-        raise ValueError(f"persistent must be one of {sorted(SCHEDULES, key=str)}, got {persistent!r}")
-    if d == 128 and stages > 2 and persistent:
-        raise ValueError("at head_dim 128 a persistent program has shared memory for 2 stages only")
+    problem = _build_problem(d, consumers, stages, persistent)
+    if problem:
+        raise ValueError(problem)
     q2, k2, v2 = (t.contiguous().view(b * h * n, d) for t in (q, k, v))
     out = torch.full_like(q2, math.nan) if poison else torch.empty_like(q2)
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
@@ -436,7 +449,7 @@ def fa3_forward(q, k, v, overlap=True, stages=2, window=None, consumers=2, chunk
     _fa3_fwd[(grid,)](
         *descs, lse, counter, n, b * h, heads_per_chunk, LOG2E.value / math.sqrt(d), HEAD_DIM=d, OVERLAP=overlap,
         STAGES=stages, WINDOW=window or 0, CONSUMERS=consumers, SCHEDULE=SCHEDULES[persistent], num_warps=4,
-        maxnreg=MAXNREG if consumers == 2 else MAXNREG_3)
+        maxnreg=_maxnreg(consumers))
     return out.view(b, h, n, d), lse
 
 
@@ -491,8 +504,8 @@ def compile_only(d, overlap, stages=2, window=0, consumers=2, chunk_heads=False,
            "SCHEDULE": "constexpr"}
     src = GluonASTSource(_fa3_fwd, sig, {"HEAD_DIM": d, "OVERLAP": overlap, "STAGES": stages, "WINDOW": window,
                                          "CONSUMERS": consumers, "SCHEDULE": SCHEDULES[persistent]})
-    maxnreg = MAXNREG if consumers == 2 else MAXNREG_3
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4, "maxnreg": _maxnreg(consumers)})
     ptx = kernel.asm["ptx"]
     info = {"head_dim": d, "overlap": overlap, "stages": stages, "window": window, "consumers": consumers,
             "persistent": persistent,
@@ -517,10 +530,10 @@ VARIANTS = {"gluon_v1": dict(overlap=False), "gluon_v2_overlap": dict(overlap=Tr
 
 
 def runs_at(variant, d):
-    """Whether the variant (a ``VARIANTS`` entry) builds at head_dim ``d``: at 128, not with three consumers
-    (registers) nor with three stages beside a persistent program's output buffers (261 KB of shared memory)."""
-    too_big = variant.get("consumers", 2) == 3 or (variant.get("stages", 2) == 3 and variant.get("persistent"))
-    return d == 64 or not too_big
+    """Whether the variant (a ``VARIANTS`` entry) builds at head_dim ``d`` (``_build_problem``): at 128, not with
+    three consumers (registers) nor with three stages beside a persistent program's output buffers (261 KB of shared
+    memory)."""
+    return _build_problem(d, variant.get("consumers", 2), variant.get("stages", 2), variant.get("persistent")) is None
 
 
 def check(log):
