@@ -71,13 +71,13 @@ def forward_4k_d64_rows(names, records):
 def main():
     records = {key: ([_load(n) for n in name] if isinstance(name, tuple) else _load(name))
                for key, name in SOURCES.items()}
-    every = [records["fwd_bwd"], *records["fwd"], records["dq"], records["dkdv"], *records["fwd_4k_d64"]]
+    named = [pair for key, name in SOURCES.items()  # (log, record) of every run, in SOURCES' order
+             for pair in (zip(name, records[key]) if isinstance(name, tuple) else [(name, records[key])])]
+    every = [rec for _, rec in named]
     devices = {r["device"] for r in every}
     if len(devices) != 1:
         raise SystemExit(f"the runs come from more than one device: {sorted(devices)}")
-    sources = [{"log": name, "date": rec["date"], "command": rec["command"]}
-               for name, rec in zip([SOURCES["fwd_bwd"], *SOURCES["fwd"], SOURCES["dq"], SOURCES["dkdv"],
-                                     *SOURCES["fwd_4k_d64"]], every)]
+    sources = [{"log": name, "date": rec["date"], "command": rec["command"]} for name, rec in named]
     record = {"name": "flash_gluon", "device": devices.pop(), "date": max(r["date"] for r in every),
               "torch": records["dq"]["torch"], "triton": records["dq"]["triton"],
               "command": "python benchmarks/experiments/gluon_summary.py",
