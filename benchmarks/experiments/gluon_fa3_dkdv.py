@@ -16,8 +16,9 @@ forward beats the shipped one by 7 to 20 % at D = 128. This kernel does the same
   (loop-invariant shared-memory descriptors); with three loops (diagonal, full, far edge) 12 to 20 under the causal
   mask and 64 to 416 under the window; with these two, 4 to 28 and 20 to 80.
 
-Gluon kernels do not run under ``TRITON_INTERPRET=1``, so this cannot ship to the book either (see
-``gluon_fa3_forward.py``). Limits: bf16, causal (optionally windowed), ``N % 128 == 0``, D in {64, 128}, no GQA.
+Gluon kernels do not run under ``TRITON_INTERPRET=1``; on CPU tensors this one runs in
+``dldna.kernels.gluon_emulator`` (``tests/test_gluon_emulator.py`` checks it against float64 there).
+Limits: bf16, causal (optionally windowed), ``N % 128 == 0``, D in {64, 128}, no GQA.
 
     PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dkdv.py --out benchmarks/experiments/logs
         [--rounds 3] [--variants 2:2 3:2 2:1] [--dkdv-only] [--cases causal:128:16384 ...] [--log-name NAME]
@@ -34,6 +35,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
+
+from dldna.kernels.gluon_emulator import run
 
 sys.path.insert(0, os.getcwd())
 from benchmarks.experiments.gluon_fa3_forward import (  # noqa: E402
@@ -231,9 +234,9 @@ def fa3_dkdv(q, k, v, do, lse2, delta, window=None, stages=2, consumers=2):
     descs = [_descriptor(q2, QROWS.value), _descriptor(k2, ROWS.value), _descriptor(v2, ROWS.value),
              _descriptor(do2, QROWS.value), _descriptor(dk, ROWS.value), _descriptor(dv, ROWS.value)]
     scale = 1.0 / math.sqrt(d)
-    _fa3_dkdv[(n // (ROWS.value * consumers), b * h)](*descs, lse2, delta, n, scale * LOG2E.value, scale, HEAD_DIM=d,
-                                                      STAGES=stages, WINDOW=window or 0, CONSUMERS=consumers,
-                                                      num_warps=4, maxnreg=_launch_regs(consumers))
+    run(_fa3_dkdv, (n // (ROWS.value * consumers), b * h), *descs, lse2, delta, n, scale * LOG2E.value, scale,
+        HEAD_DIM=d, STAGES=stages, WINDOW=window or 0, CONSUMERS=consumers, num_warps=4,
+        maxnreg=_launch_regs(consumers))
     return dk.view(b, h, n, d), dv.view(b, h, n, d)
 
 

@@ -14,8 +14,9 @@ forward:
 - the edge tiles (the diagonal, then the window's far edge) in one masked loop, then the full tiles without mask
   code, as in the Gluon dK/dV kernel (one masked copy of the step: ``ptxas`` keeps fewer registers for it).
 
-Gluon kernels do not run under ``TRITON_INTERPRET=1``, so this cannot ship to the book either (see
-``gluon_fa3_forward.py``). Limits: bf16, causal (optionally windowed), ``N % 128 == 0``, D in {64, 128}, no GQA.
+Gluon kernels do not run under ``TRITON_INTERPRET=1``; on CPU tensors this one runs in
+``dldna.kernels.gluon_emulator`` (``tests/test_gluon_emulator.py`` checks it against float64 there).
+Limits: bf16, causal (optionally windowed), ``N % 128 == 0``, D in {64, 128}, no GQA.
 
     PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_dq.py --out benchmarks/experiments/logs
         [--rounds 3] [--variants 64:2 128:2] [--cases window:128:16384 ...] [--dq-only | --no-check] [--log-name NAME]
@@ -33,6 +34,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
+
+from dldna.kernels.gluon_emulator import run
 
 sys.path.insert(0, os.getcwd())
 from benchmarks.experiments.gluon_fa3_dkdv import (  # noqa: E402
@@ -231,9 +234,8 @@ def fa3_dq(q, k, v, out, lse, do, window=None, keys=64, stages=2):
     descs = [_descriptor(q2, ROWS.value), _descriptor(k2, keys), _descriptor(v2, keys), _descriptor(do2, ROWS.value),
              _descriptor(dq, ROWS.value)]
     scale = 1.0 / math.sqrt(d)
-    _fa3_dq[(n // BLOCK_M.value, b * h)](*descs, o2, lse.contiguous(), lse2, delta, n, scale * LOG2E.value, scale,
-                                         HEAD_DIM=d, KEYS=keys, STAGES=stages, WINDOW=window or 0, num_warps=4,
-                                         maxnreg=MAXNREG)
+    run(_fa3_dq, (n // BLOCK_M.value, b * h), *descs, o2, lse.contiguous(), lse2, delta, n, scale * LOG2E.value,
+        scale, HEAD_DIM=d, KEYS=keys, STAGES=stages, WINDOW=window or 0, num_warps=4, maxnreg=MAXNREG)
     return dq.view(b, h, n, d), lse2, delta
 
 

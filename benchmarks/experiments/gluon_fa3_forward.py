@@ -17,9 +17,11 @@ With ``window`` the same kernel runs the causal sliding window (query i sees key
 tiles before the block's first key are skipped and only the edge tiles are masked. ``--fwd-bwd`` also times a
 forward+backward whose backward is dldna's (which reads the same ``(out, lse)``).
 
-Gluon kernels do not run under ``TRITON_INTERPRET=1``, so nothing here can ship to the book (its CI is CPU-only);
-the script measures whether the approach pays, on one H200, against the shipped kernel and the fastest peers (cuDNN
-and FlashAttention-2 under a causal mask, FlexAttention under a window) in one process.
+Gluon kernels do not run under ``TRITON_INTERPRET=1``, the CPU CI's way of testing Triton kernels; on CPU tensors this
+one runs in ``dldna.kernels.gluon_emulator`` instead (``tests/test_gluon_emulator.py`` checks every variant against
+float64 there, and mutated copies that must fail). The script measures whether the approach pays, on one H200,
+against the shipped kernel and the fastest peers (cuDNN and FlashAttention-2 under a causal mask, FlexAttention
+under a window) in one process.
 Limits: bf16, causal (optionally windowed), ``N % 128 == 0``, D in {64, 128}, no backward of its own.
 
     PYTHONPATH=$PWD python benchmarks/experiments/gluon_fa3_forward.py --out benchmarks/experiments/logs
@@ -41,6 +43,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
+
+from dldna.kernels.gluon_emulator import run
 
 LOG2E = gl.constexpr(1.4426950408889634)
 ROWS = gl.constexpr(64)  # query rows per consumer warpgroup: one wgmma is 64 rows tall
@@ -410,6 +414,10 @@ def _maxnreg(consumers):
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device):
+    """SMs of ``device``; on the CPU (the Gluon emulator) 3, so that a persistent grid of small shapes takes
+    several tiles per program."""
+    if device.type == "cpu":
+        return 3
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -446,7 +454,7 @@ def fa3_forward(q, k, v, overlap=True, stages=2, window=None, consumers=2, chunk
     grid = min(tiles, _sm_count(q.device)) if persistent else tiles
     # the queue's counter, zeroed for every call (a fill kernel, timed with the call); unread without the queue
     counter = torch.zeros(1, device=q.device, dtype=torch.int32) if persistent == "queue" else lse
-    _fa3_fwd[(grid,)](
+    run(_fa3_fwd, (grid,),
         *descs, lse, counter, n, b * h, heads_per_chunk, LOG2E.value / math.sqrt(d), HEAD_DIM=d, OVERLAP=overlap,
         STAGES=stages, WINDOW=window or 0, CONSUMERS=consumers, SCHEDULE=SCHEDULES[persistent], num_warps=4,
         maxnreg=_maxnreg(consumers))
