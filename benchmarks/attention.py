@@ -40,6 +40,7 @@ import torch
 WINDOW = 1024
 SPARSE_BLOCK = 128
 PEERS_CAUSAL = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
+OURS = ("dldna", "dldna_triton")  # what ships (Gluon kernels where they apply), and the Triton kernels alone
 
 
 def problem(n: int, d: int) -> tuple[int, int]:
@@ -75,6 +76,23 @@ def _layout(n: int) -> torch.Tensor:
     return bigbird_block_layout(n // SPARSE_BLOCK, 3, 1, 3, seed=0)
 
 
+def _triton_only_fn(q, k, v, window):
+    """``{"dldna_triton": fn}``: dldna with its Triton kernels only, where the shipped call runs Gluon ones (on
+    Hopper, ``dldna.kernels.flash_gluon.plan_for``); else ``{}``, the two being the same."""
+    from dldna.kernels import flash_attention, flash_gluon
+    from dldna.kernels.tiled import band_limits
+
+    band = band_limits(q.shape[2], k.shape[2], True, window)
+    if flash_gluon.plan_for(q, k, v, band.lo, band.hi) is None:
+        return {}
+
+    def triton_only():
+        with flash_gluon.triton_only():
+            return flash_attention(q, k, v, causal=True, window=window)
+
+    return {"dldna_triton": triton_only}
+
+
 def make_fns(mask: str, d: int, n: int, q, k, v):
     """{impl: fn()} for this case; every fn returns the attention output."""
     import torch.nn.functional as F
@@ -94,6 +112,7 @@ def make_fns(mask: str, d: int, n: int, q, k, v):
             return layout[q_idx // SPARSE_BLOCK, kv_idx // SPARSE_BLOCK]
     elif mask == "causal":
         fns["dldna"] = lambda: flash_attention(q, k, v, causal=True)
+        fns.update(_triton_only_fn(q, k, v, None))
 
         def mask_mod(b, h, q_idx, kv_idx):
             return q_idx >= kv_idx
@@ -107,6 +126,7 @@ def make_fns(mask: str, d: int, n: int, q, k, v):
             fns[name] = sdpa
     else:
         fns["dldna"] = lambda: flash_attention(q, k, v, causal=True, window=WINDOW)
+        fns.update(_triton_only_fn(q, k, v, WINDOW))
 
         def mask_mod(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (q_idx - kv_idx < WINDOW)
@@ -128,13 +148,15 @@ def _inputs(d, n, seed):
 def compile_ours(mask, d):
     """Compile every tuning config of our kernels for (mask, head_dim) at a short length (the compiled kernels do
     not depend on N); the other kernels stay on a forced config meanwhile, so nothing is tuned (timed) here."""
-    from dldna.kernels import flash_attention
+    from dldna.kernels import flash_attention, flash_gluon
     from dldna.kernels import flash_triton as ft
 
     q, k, v = (torch.randn(1, 4, 1024, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     window = WINDOW if mask == "window" else None
-    for _ in ft.each_config(lambda kernel: ft.candidate_configs(kernel, d)):
-        flash_attention(q, k, v, causal=True, window=window).sum().backward()
+    flash_attention(q, k, v, causal=True, window=window).sum().backward()  # the Gluon kernels, on Hopper
+    with flash_gluon.triton_only():
+        for _ in ft.each_config(lambda kernel: ft.candidate_configs(kernel, d)):
+            flash_attention(q, k, v, causal=True, window=window).sum().backward()
 
 
 def compile_peers(case):
@@ -142,7 +164,7 @@ def compile_peers(case):
     mask, d, n = case
     q, k, v = _inputs(d, n, seed=0)
     for impl, fn in make_fns(mask, d, n, q, k, v).items():
-        if impl == "dldna" and mask != "bigbird":
+        if impl.startswith("dldna") and mask != "bigbird":
             continue  # compile_ours did these
         try:
             with torch.no_grad():
@@ -333,12 +355,12 @@ def summarize(rows):
 
 
 def print_table(rows, targets):
-    print(f"\n{'mask':8} {'D':>4} {'N':>6} {'pass':8} " + " ".join(f"{i:>14}" for i in ("dldna",) + PEERS_CAUSAL))
+    print(f"\n{'mask':8} {'D':>4} {'N':>6} {'pass':8} " + " ".join(f"{i:>14}" for i in OURS + PEERS_CAUSAL))
     keys = sorted({(r["mask"], r["head_dim"], r["n"], r["pass"]) for r in rows})
     by = {(r["mask"], r["head_dim"], r["n"], r["pass"], r["impl"]): r for r in rows}
     for key in keys:
         cells = []
-        for impl in ("dldna",) + PEERS_CAUSAL:
+        for impl in OURS + PEERS_CAUSAL:
             r = by.get(key + (impl,))
             cells.append(f"{r['tflops']:9.0f} TF/s" if r and "tflops" in r else f"{'-' if not r else 'err':>14}")
         print(f"{key[0]:8} {key[1]:>4} {key[2]:>6} {key[3]:8} " + " ".join(cells))

@@ -7,8 +7,10 @@ show up as NaN), and compares the output, the log-sum-exp and dq/dk/dv with the 
 Matrix: head_dim {16, 32, 64, 128} x dtype {fp16, bf16} (+ fp32/TF32 at 64) x mask {full, causal, causal window,
 symmetric window} x shapes {MHA with tails, whole tiles, GQA, MQA with Nq < Nk, Nq > Nk with empty rows, one query
 (decode)}; then every tuning config of each kernel at head_dim 64 and 128 (bf16, causal and window; a length with a
-ragged tail and one of whole tiles), and block-sparse layouts from dldna.attention.masks. Groups run in parallel
-processes (compilation dominates).
+ragged tail and one of whole tiles), block-sparse layouts from dldna.attention.masks, and the calls that the Hopper
+Gluon kernels take (``dldna.kernels.flash_gluon.plan_for``: bf16 MHA, N a multiple of 128, causal and windows of 100
+and 1024 at head_dim 64 and 128, an odd head count, more tiles than SMs, and at 16k the 192-row blocks). Groups run
+in parallel processes (compilation dominates).
 
     python benchmarks/gpu_test_flash.py --jobs 14 --out gpu_test.jsonl
 """
@@ -41,6 +43,9 @@ DEVICE = "cpu" if SMOKE else "cuda"
 if SMOKE:
     SHAPES = [(1, 2, 1, 45, 70), (1, 2, 2, 40, 19)]
 MASKS = {"full": (False, None), "causal": (True, None), "window": (True, 100), "sym_window": (False, 129)}
+# (B, H, N) of the Gluon group: an odd head count; more tiles than an H100's 132 SMs (persistent programs take several)
+GLUON_SHAPES = [(2, 3, 1152), (2, 8, 2176)]
+GLUON_WINDOWS = (None, 100, 1024)
 
 
 def groups() -> list[tuple]:
@@ -50,6 +55,7 @@ def groups() -> list[tuple]:
     out.append(("matrix", 64, "float32"))
     out += [("configs", d, mask) for d in (64, 128) for mask in ("causal", "window")]
     out.append(("sparse", None, None))
+    out += [("gluon", d, None) for d in (64, 128)]
     return out
 
 
@@ -152,6 +158,27 @@ def run_group(group) -> list[dict]:
                     return flash_attention(q, k, v, causal=causal, window=window, return_lse=True, backend="triton")
 
                 record(f"{mask_name} n={n} {kernel}={cfg}", "bfloat16", fn, shape, mask, seed=(hash(cfg) + n) % 1000)
+    elif kind == "gluon":
+        from dldna.kernels import flash_gluon
+        from dldna.kernels.tiled import band_limits
+
+        d = a
+        cases = [(shape, window) for shape in GLUON_SHAPES for window in GLUON_WINDOWS]
+        if d == 64:
+            cases.append(((1, 2, 16384), None))  # causal from 16k on: three consumer warpgroups, 192-row blocks
+        for (bb, h, n), window in cases:
+            probe = torch.empty(bb, h, n, d, device=DEVICE, dtype=torch.bfloat16)
+            band = band_limits(n, n, True, window)
+            plan = flash_gluon.plan_for(probe, probe, probe, band.lo, band.hi)
+
+            def fn(q, k, v, window=window, plan=plan):
+                if plan is None:
+                    raise RuntimeError("the Gluon kernels did not take this call (flash_gluon.plan_for gave None)")
+                return flash_attention(q, k, v, causal=True, window=window, return_lse=True, backend="triton")
+
+            mask_name = "causal" if window is None else f"window {window}"
+            record(f"gluon {mask_name} {(bb, h, n)} {plan}", "bfloat16", fn, (bb, h, h, n, n, d),
+                   _token_mask(n, n, True, window, DEVICE), seed=n + d + (window or 0))
     else:
         from dldna.attention.masks import bigbird_block_layout, longformer_block_layout, strided_block_layout
         from dldna.kernels.flash_attention import block_mask_from_layout
@@ -189,7 +216,7 @@ def main():
     parser.add_argument("--out", default="gpu_test.jsonl")
     parser.add_argument("--out-dir", default=None,
                         help="also write <out-dir>/flash_attention_gpu_test.json (device, date, command) with every row")
-    parser.add_argument("--only", nargs="+", choices=["matrix", "configs", "sparse"], default=None,
+    parser.add_argument("--only", nargs="+", choices=["matrix", "configs", "sparse", "gluon"], default=None,
                         help="run only these groups")
     args = parser.parse_args()
     if not SMOKE and not torch.cuda.is_available():

@@ -460,16 +460,19 @@ def test_report_helpers_on_a_synthetic_record():
     from dldna.kernels.report import benchmark_table, plot_benchmark, targets_table
 
     rows = [{"mask": "causal", "head_dim": 64, "n": n, "pass": p, "impl": impl, "ms": ms, "tflops": 100 / ms}
-            for n in (1024, 4096) for p in ("fwd", "fwd+bwd") for impl, ms in (("dldna", 1.0), ("flex", 2.0))]
+            for n in (1024, 4096) for p in ("fwd", "fwd+bwd")
+            for impl, ms in (("dldna", 1.0), ("dldna_triton", 0.5), ("flex", 2.0))]
     rows.append({"mask": "causal", "head_dim": 64, "n": 4096, "pass": "fwd", "impl": "sdpa_cudnn", "error": "x"})
     record = {"data": {"rows": rows, "targets": [{"target": "t", "measured": None, "bar": 1, "unit": "x",
                                                   "met": False}]}}
     table = benchmark_table(record)
-    assert "2.00x" in table and "error" in table  # dldna twice as fast as the best peer (flex)
+    # dldna twice as fast as the best peer (flex); its own Triton-only row is not a peer
+    assert "2.00x" in table and "0.50x" not in table and "error" in table
     assert "MISSED t: not measured" in targets_table(record)
     fig = plot_benchmark(record)
-    assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 4
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["dldna (Triton)", "FlexAttention"]
+    assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 6
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["dldna", "dldna, Triton kernels only",
+                                                                   "FlexAttention"]
 
 
 def test_peer_speedups_and_kernel_times_read_the_stored_fields():
@@ -788,3 +791,73 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert len(dkdv) == 2 and dkdv[0] < dkdv[1], loops
     # EARLY_DP: both dK/dV loops issue the dP^T product among the exponentials of P^T
     assert len(dkdv_overlap) == 2 and min(dkdv_overlap) > 0, dkdv_overlap
+
+
+# ------------------------------------------------------------------ the Gluon kernels that Hopper GPUs run
+def test_gluon_plan_only_for_the_calls_its_kernels_take(monkeypatch):
+    """``flash_gluon.plan_for``: bf16, MHA, Nq == Nk a multiple of 128, D 64 / 128, causal (windowed), on Hopper."""
+    pytest.importorskip("triton.experimental.gluon")
+    from dldna.kernels import flash_gluon
+
+    def plan(shape=(1, 2, 256, 64), kv_shape=None, dtype=torch.bfloat16, causal=True, window=None):
+        q = torch.empty(shape, dtype=dtype)
+        k = torch.empty(kv_shape or shape, dtype=dtype)
+        band = band_limits(q.shape[2], k.shape[2], causal, window)
+        return flash_gluon.plan_for(q, k, k, band.lo, band.hi)
+
+    assert plan() is None  # a CPU tensor: no Hopper GPU
+    monkeypatch.setattr(flash_gluon, "_hopper", lambda device: True)
+    assert plan() == flash_gluon.Plan(None, dict(persistent="queue", stages=3), dict(keys=64),
+                                      dict(stages=2, consumers=2))
+    assert plan((1, 2, 16384, 64)).forward == dict(persistent="queue", consumers=3)
+    assert plan((1, 2, 256, 128), window=100) == flash_gluon.Plan(100, dict(persistent="queue"), dict(keys=64),
+                                                                  dict(stages=2, consumers=2))
+    assert plan(window=1024) == flash_gluon.Plan(1024, None, None, dict(stages=2, consumers=1))
+    for refused in (dict(dtype=torch.float16), dict(kv_shape=(1, 1, 256, 64)), dict(shape=(1, 2, 200, 64)),
+                    dict(shape=(1, 2, 256, 32)), dict(causal=False), dict(causal=False, window=64),
+                    dict(kv_shape=(1, 2, 384, 64))):
+        assert plan(**refused) is None, refused
+
+
+@pytest.mark.parametrize("d,window", [(64, None), (128, None), (128, 100)])
+def test_flash_attention_takes_the_gluon_kernels_where_the_plan_has_them(d, window, monkeypatch):
+    """With a Hopper GPU faked (the Gluon kernels then run in the emulator on these CPU tensors), every pass of a
+    plan without Triton kernels runs in Gluon, and outputs, LSE and gradients match float64."""
+    pytest.importorskip("triton.experimental.gluon")
+    _, flash_triton = _triton_kernels()
+    from dldna.kernels import flash_gluon
+
+    def refuse(*_, **__):
+        raise AssertionError("a Triton kernel ran where the plan has a Gluon one")
+
+    monkeypatch.setattr(flash_gluon, "_hopper", lambda device: True)
+    monkeypatch.setattr(flash_triton, "attention_forward", refuse)
+    monkeypatch.setattr(flash_triton, "attention_backward", refuse)
+    monkeypatch.setattr(flash_triton, "backward_dq", refuse)
+    q, k, v, grad = _inputs(2, 3, 3, 256, 256, d, torch.bfloat16, seed=d + (window or 0))
+
+    def fn(q, k, v):
+        return flash_attention(q, k, v, causal=True, window=window, return_lse=True, backend="triton")
+
+    _check_against_reference(fn, q, k, v, grad, _mask(256, 256, True, window), BOUNDS[torch.bfloat16])
+
+
+def test_gluon_dkdv_reads_the_lse2_and_delta_of_the_triton_dq_kernel():
+    """The window D = 64 plan: the Triton forward and dQ kernels (here in fp32, the interpreter's bf16 products
+    being wrong), then the Gluon dK/dV kernel on the base-2 LSE and ``delta`` that the dQ kernel wrote."""
+    pytest.importorskip("triton.experimental.gluon")
+    _, flash_triton = _triton_kernels()
+    from dldna.kernels.flash_gluon.dkdv import fa3_dkdv
+
+    n, window = 256, 100
+    q, k, v, grad = _inputs(1, 2, 2, n, n, 64, torch.bfloat16, seed=11)
+    band = band_limits(n, n, True, window)
+    scale = 0.7 / math.sqrt(64)  # not the default: the scale must reach both kernels
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    out, lse = flash_triton.attention_forward(q32, k32, v32, band.lo, band.hi, scale)
+    _, lse2, delta = flash_triton.backward_dq(q32, k32, v32, out, lse, grad.float(), band.lo, band.hi, scale)
+    dk, dv = fa3_dkdv(q, k, v, grad.bfloat16(), lse2, delta, window=window, consumers=1, scale=scale)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = attention(q64, k64, v64, mask=_mask(n, n, True, window), scale=scale)
+    _, dk_ref, dv_ref = torch.autograd.grad(ref, (q64, k64, v64), grad)
+    assert _rel(dk, dk_ref) < 2 * BOUNDS[torch.bfloat16] and _rel(dv, dv_ref) < 2 * BOUNDS[torch.bfloat16]

@@ -1,5 +1,5 @@
 """The CPU emulator of Gluon kernels (``dldna.kernels.gluon_emulator``), and the FA3-style Gluon FlashAttention
-kernels of ``benchmarks/experiments`` run through it against the float64 reference.
+kernels (``dldna.kernels.flash_gluon``) run through it against the float64 reference.
 
 The emulator is what lets the CPU-only CI test Gluon kernels at all: Triton's interpreter cannot run them. So its
 own rules are tested first (C division, int32 overflow, bounds, deadlocks), then the three kernels on small odd
@@ -21,7 +21,10 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier  # noqa: E
 
 from dldna.attention.reference import attention  # noqa: E402
 from dldna.kernels import gluon_emulator as emulator  # noqa: E402
-from benchmarks.experiments import gluon_fa3_dkdv, gluon_fa3_dq, gluon_fa3_forward  # noqa: E402
+from dldna.kernels.flash_gluon import dkdv as gluon_fa3_dkdv  # noqa: E402
+from dldna.kernels.flash_gluon import dq as gluon_fa3_dq  # noqa: E402
+from dldna.kernels.flash_gluon import forward as gluon_fa3_forward  # noqa: E402
+from benchmarks.experiments.gluon_fa3_forward import VARIANTS  # noqa: E402 - the forward variants that were timed
 
 # (schedule, copies): the loader first with copies landing at once (a producer that overwrites a slot too early
 # shows), and random switches with copies landing only at their barrier's wait (a consumer that reads too early)
@@ -127,7 +130,7 @@ FORWARD_CASES = [(64, 3, 384, None), (64, 3, 384, 100), (64, 1, 256, 1), (128, 1
 def test_gluon_forward_variants_match_float64(d, h, n, window, schedule, copies):
     q, k, v, grad = _inputs(2, h, n, d, seed=d + n + (window or 0))
     ref, ref_lse, _ = _reference(q, k, v, grad, window)
-    for name, kwargs in gluon_fa3_forward.VARIANTS.items():
+    for name, kwargs in VARIANTS.items():
         if gluon_fa3_forward._build_problem(d, kwargs.get("consumers", 2), kwargs.get("stages", 2),
                                             kwargs.get("persistent")):
             continue

@@ -2,8 +2,10 @@
 
 ``flash_attention`` and ``block_sparse_flash_attention`` validate their arguments, pick a backend and wrap the
 kernels of ``dldna.kernels.flash_triton`` in ``torch.autograd.Function``s (forward saves only ``O`` and the
-log-sum-exp; the backward recomputes the attention weights). Without a GPU and without ``TRITON_INTERPRET=1`` the
-same algorithm runs in plain PyTorch (``dldna.kernels.tiled``), so the package and chapter 5 work everywhere.
+log-sum-exp; the backward recomputes the attention weights). On a Hopper GPU, causal and sliding-window calls of
+the shapes that ``dldna.kernels.flash_gluon.plan_for`` lists run its warp-specialised Gluon kernels instead.
+Without a GPU and without ``TRITON_INTERPRET=1`` the same algorithm runs in plain PyTorch (``dldna.kernels.tiled``),
+so the package and chapter 5 work everywhere.
 
 Precision: fp16/bf16 inputs use the tensor cores with fp32 accumulation (relative error ~1e-3 to 1e-2, as the
 input rounding dictates); fp32 inputs use TF32 tensor cores on the GPU (~1e-3) and exact fp32 in the interpreter.
@@ -25,6 +27,7 @@ try:  # triton is optional: absent on macOS/Windows and on CPU-only installs
     from dldna.kernels import flash_triton as _kernels
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     _kernels = None
+from dldna.kernels import flash_gluon as _gluon  # imports Gluon only when a Hopper GPU runs its kernels
 
 HEAD_DIMS = (16, 32, 64, 128)
 BACKENDS = ("auto", "triton", "torch")
@@ -75,13 +78,18 @@ def _interpreter_upcast(q, k, v):
 
 
 class _FlashAttention(torch.autograd.Function):
+    """``plan``: the Gluon kernels' ``flash_gluon.Plan`` for this call, or None (the Triton kernels throughout)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, band_lo, band_hi, scale):
+    def forward(ctx, q, k, v, band_lo, band_hi, scale, plan):
         q, k, v = _kernel_inputs(q, k, v)
-        out, lse = _kernels.attention_forward(q, k, v, band_lo, band_hi, scale)
+        if plan is not None and plan.forward is not None:
+            out, lse = _gluon.attention_forward(q, k, v, plan, scale)
+        else:
+            out, lse = _kernels.attention_forward(q, k, v, band_lo, band_hi, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.band = (band_lo, band_hi)
-        ctx.scale = scale
+        ctx.scale, ctx.plan = scale, plan
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for the unused lse (a kernel per call)
         return out, lse
@@ -90,8 +98,11 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         (grad_out,) = _kernel_inputs(grad_out)
-        dq, dk, dv = _kernels.attention_backward(q, k, v, out, lse, grad_out, *ctx.band, ctx.scale)
-        return dq, dk, dv, None, None, None
+        if ctx.plan is not None:
+            dq, dk, dv = _gluon.attention_backward(q, k, v, out, lse, grad_out, ctx.plan, *ctx.band, ctx.scale)
+        else:
+            dq, dk, dv = _kernels.attention_backward(q, k, v, out, lse, grad_out, *ctx.band, ctx.scale)
+        return dq, dk, dv, None, None, None, None
 
 
 def flash_attention(
@@ -115,8 +126,9 @@ def flash_attention(
         scale: defaults to ``1 / sqrt(D)``.
         return_lse: also return the natural log-sum-exp of the scaled scores, ``(B, H, Nq)`` float32 (``-inf`` for
             rows with no key); it carries no gradient.
-        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (tiled PyTorch, any device)
-            or ``"auto"`` (Triton where it can run, else PyTorch).
+        backend: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``; on a Hopper GPU the Gluon kernels where
+            ``flash_gluon.plan_for`` has them), ``"torch"`` (tiled PyTorch, any device) or ``"auto"`` (Triton where
+            it can run, else PyTorch).
 
     Returns ``out`` ``(B, H, Nq, D)`` in the input dtype (and ``lse``). Rows with no allowed key give zeros.
     Used in chapter 5.
@@ -132,8 +144,9 @@ def flash_attention(
             raise ValueError(f"head_dim must be one of {HEAD_DIMS} for the Triton kernel, got {q.shape[-1]}")
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"the Triton kernel takes fp16, bf16 or fp32 tensors, got {q.dtype}")
-        qi, ki, vi, cast_back = _interpreter_upcast(q, k, v)
-        out, lse = _FlashAttention.apply(qi, ki, vi, band.lo, band.hi, scale)
+        plan = _gluon.plan_for(q, k, v, band.lo, band.hi)
+        qi, ki, vi, cast_back = (q, k, v, None) if plan is not None else _interpreter_upcast(q, k, v)
+        out, lse = _FlashAttention.apply(qi, ki, vi, band.lo, band.hi, scale, plan)
         if cast_back is not None:
             out = out.to(cast_back)
     return (out, lse) if return_lse else out

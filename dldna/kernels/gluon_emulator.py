@@ -343,7 +343,7 @@ class _Thread:
             if self.scheduler.aborted:
                 return
             _local.thread = self
-            with _CDivision():
+            with torch.no_grad(), _CDivision():  # a kernel is not differentiated (grad mode is per thread)
                 self.result = self.fn(*self.args)
                 _retire_wgmma(self, 0)
                 if self.stores:
@@ -687,7 +687,7 @@ _STAND_INS = {
 
 
 # ------------------------------------------------------------------------------------------- functions, launch
-_patched_globals: dict[int, dict] = {}
+_patched_globals: dict[int, tuple[dict, dict]] = {}
 _patched_functions: dict[object, types.FunctionType] = {}
 
 
@@ -707,9 +707,11 @@ def _emulated(fn):
     if not isinstance(raw, types.FunctionType):
         raise TypeError(f"cannot emulate {fn!r}")
     key = id(raw.__globals__)
-    scope = _patched_globals.get(key)
+    entry = _patched_globals.get(key)
+    scope = entry[1] if entry is not None and entry[0] is raw.__globals__ else None
     if scope is None:
-        scope = _patched_globals[key] = {}
+        scope = {}
+        _patched_globals[key] = (raw.__globals__, scope)  # holding the module's dict: its id is not reused
         for name, value in raw.__globals__.items():
             if id(value) in _STAND_INS:
                 value = _STAND_INS[id(value)]
