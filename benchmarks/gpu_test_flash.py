@@ -9,7 +9,7 @@ symmetric window} x shapes {MHA with tails, whole tiles, GQA, MQA with Nq < Nk, 
 (decode)}; then every tuning config of each kernel at head_dim 64 and 128 (bf16, causal and window; a length with a
 ragged tail and one of whole tiles), block-sparse layouts from dldna.attention.masks, and the calls that the Hopper
 Gluon kernels take (``dldna.kernels.flash_gluon.plan_for``: bf16 MHA, N a multiple of 128, causal and windows of 100
-and 1024 at head_dim 64 and 128, an odd head count, more tiles than SMs, and at 16k the 192-row blocks). Groups run
+and 1024 at head_dim 64 and 128, an odd head count, more tiles than SMs, and the causal 16k forwards). Groups run
 in parallel processes (compilation dominates).
 
     python benchmarks/gpu_test_flash.py --jobs 14 --out gpu_test.jsonl
@@ -164,8 +164,9 @@ def run_group(group) -> list[dict]:
 
         d = a
         cases = [(shape, window) for shape in GLUON_SHAPES for window in GLUON_WINDOWS]
-        if d == 64:
-            cases.append(((1, 2, 16384), None))  # causal from 16k on: three consumer warpgroups, 192-row blocks
+        # causal from 16k on, the plan's other forward: 3 consumer warpgroups on 192-row blocks (64), a program per
+        # tile (128)
+        cases.append(((1, 2, 16384), None))
         for (bb, h, n), window in cases:
             probe = torch.empty(bb, h, n, d, device=DEVICE, dtype=torch.bfloat16)
             band = band_limits(n, n, True, window)

@@ -810,6 +810,7 @@ def test_gluon_plan_only_for_the_calls_its_kernels_take(monkeypatch):
     assert plan() == flash_gluon.Plan(None, dict(persistent="queue", stages=3), dict(keys=64),
                                       dict(stages=2, consumers=2))
     assert plan((1, 2, 16384, 64)).forward == dict(persistent="queue", consumers=3)
+    assert plan((1, 2, 16384, 128)).forward == {}  # a program per tile
     assert plan((1, 2, 256, 128), window=100) == flash_gluon.Plan(100, dict(persistent="queue"), dict(keys=64),
                                                                   dict(stages=2, consumers=2))
     assert plan(window=1024) == flash_gluon.Plan(1024, None, None, dict(stages=2, consumers=1))

@@ -81,8 +81,9 @@ def plan_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, band_lo: int | N
 @functools.lru_cache(maxsize=None)
 def _plan(d: int, n: int, window: int | None) -> Plan:
     if window is None:
-        # causal: the queue forward (3 stages at D = 64, or 3 consumer warpgroups on 192-row blocks from 16k on)
-        forward = dict(persistent="queue")
+        # causal: persistent programs on a queue (3 stages at D = 64, or 3 consumer warpgroups on 192-row blocks from
+        # 16k on); at D = 128 from 16k on a program per tile, which ran faster there in two runs of three
+        forward = dict(persistent="queue") if n < 16384 else dict()
         if d == 64:
             forward = dict(persistent="queue", consumers=3) if n >= 16384 else dict(persistent="queue", stages=3)
         return Plan(window, forward, dict(keys=128 if d == 128 else 64), dict(stages=2, consumers=2))
